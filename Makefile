@@ -1,0 +1,24 @@
+# evscrypt: see README.md.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+
+.PHONY: install test demo bench bench-crypto install-systemd clean
+
+install:
+	@scripts/install.sh
+
+test: install
+	$(PYTEST) -q -ra $(PYTEST_ARGS)
+
+demo: install
+	@scripts/demo.sh
+
+bench-crypto: install
+	$(PY) bench/bench_crypto.py
+
+install-systemd: install
+	@scripts/install-systemd.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

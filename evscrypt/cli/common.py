@@ -1,0 +1,79 @@
+"""What every command group shares: the context object, sizes, output."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ..errors import InvalidArgument
+from ..paths import default_runtime_dir
+from ..volumes import VolumeStore
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1.5T', '4096' -> bytes (binary units)."""
+    m = _SIZE.fullmatch(text or "")
+    if not m:
+        raise InvalidArgument(f"invalid size {text!r}: write it like 10G, 512M or 4096")
+    n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n != int(n):
+        raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
+    return int(n)
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@dataclass
+class Env:
+    """The per-invocation context: where state lives, lazily opened stores."""
+
+    home: Path
+    debug: bool = False
+    runtime: Path = field(default_factory=default_runtime_dir)
+    _store: VolumeStore | None = None
+
+    @property
+    def store(self) -> VolumeStore:
+        if self._store is None:
+            self._store = VolumeStore(self.home)
+        return self._store
+
+
+pass_env = click.make_pass_decorator(Env)
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: list[list], headers: list[str]) -> None:
+    if not rows:
+        return
+    cols = [headers] + [[("-" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+    for r in cols:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def warn(msg: str) -> None:
+    click.echo(f"evscrypt: warning: {msg}", err=True)
+
+
+def progress_bar(length: int, label: str):
+    """A progress bar on a terminal; silent elsewhere."""
+    return click.progressbar(length=length, label=label, file=sys.stderr,
+                             hidden=not sys.stderr.isatty())

@@ -1,0 +1,138 @@
+"""`evscrypt key ...`: customer master keys and their lifecycle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..errors import InvalidArgument
+from ..kms import BACKENDS
+from ..kms.local import DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MIN_DELETION_DAYS
+from .common import Env, emit_json, pass_env, table
+
+kms_option = click.option("--kms", type=click.Choice(BACKENDS), default="local", show_default=True,
+                          help="KMS backend.")
+
+
+def _show(info, as_json: bool) -> None:
+    if as_json:
+        emit_json(info.to_dict())
+        return
+    for k, v in info.to_dict().items():
+        click.echo(f"{k + ':':15}{'-' if v in (None, '') else v}")
+
+
+def _lifecycle(env: Env, kms: str):
+    if kms != "local":
+        raise InvalidArgument(f"manage the lifecycle of {kms} keys with that provider's own tools")
+    return env.store.backend(kms)
+
+
+@click.group()
+def key():
+    """Customer master keys (CMKs)."""
+
+
+@key.command()
+@click.argument("alias")
+@click.option("--description", default="", help="Free text.")
+@kms_option
+@pass_env
+def create(env: Env, alias, description, kms):
+    """Create a CMK called ALIAS."""
+    info = _lifecycle(env, kms).create_key(alias, description, owner=os.geteuid() or None)
+    click.echo(f"created key {info.alias} ({info.key_id})")
+
+
+@key.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@kms_option
+@pass_env
+def list_(env: Env, as_json, kms):
+    """List CMKs."""
+    keys = env.store.backend(kms).list_keys()
+    if as_json:
+        emit_json([k.to_dict() for k in keys])
+        return
+    table([[k.alias, k.key_id, k.state.value, k.deletion_date, k.description] for k in keys],
+          ["ALIAS", "KEY ID", "STATE", "DELETION DATE", "DESCRIPTION"])
+
+
+@key.command()
+@click.argument("key_ref", metavar="KEY")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@kms_option
+@pass_env
+def describe(env: Env, key_ref, as_json, kms):
+    """Describe KEY (id, ARN or alias)."""
+    _show(env.store.backend(kms).describe(key_ref), as_json)
+
+
+@key.command()
+@click.argument("key_ref", metavar="KEY")
+@kms_option
+@pass_env
+def enable(env: Env, key_ref, kms):
+    """Enable KEY."""
+    info = _lifecycle(env, kms).enable(key_ref)
+    click.echo(f"key {info.alias or info.key_id} is {info.state}")
+
+
+@key.command()
+@click.argument("key_ref", metavar="KEY")
+@kms_option
+@pass_env
+def disable(env: Env, key_ref, kms):
+    """Disable KEY: attached volumes keep working; detached ones cannot attach."""
+    info = _lifecycle(env, kms).disable(key_ref)
+    click.echo(f"key {info.alias or info.key_id} is {info.state}")
+
+
+@key.command("schedule-deletion")
+@click.argument("key_ref", metavar="KEY")
+@click.option("--days", type=int, default=DEFAULT_DELETION_DAYS, show_default=True,
+              help=f"Waiting period, {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS} days.")
+@kms_option
+@pass_env
+def schedule_deletion(env: Env, key_ref, days, kms):
+    """Schedule KEY for deletion.  When it is deleted, its volumes are lost."""
+    info = _lifecycle(env, kms).schedule_deletion(key_ref, days)
+    click.echo(f"key {info.alias or info.key_id} is {info.state}; it will be deleted on {info.deletion_date}")
+
+
+@key.command("cancel-deletion")
+@click.argument("key_ref", metavar="KEY")
+@kms_option
+@pass_env
+def cancel_deletion(env: Env, key_ref, kms):
+    """Cancel a scheduled deletion; the key returns to Disabled."""
+    info = _lifecycle(env, kms).cancel_deletion(key_ref)
+    click.echo(f"key {info.alias or info.key_id} is {info.state}")
+
+
+@key.command("purge-due")
+@kms_option
+@pass_env
+def purge_due(env: Env, kms):
+    """Destroy keys whose deletion date has passed."""
+    purged = _lifecycle(env, kms).purge_due()
+    for k in purged:
+        click.echo(f"deleted key {k.alias or k.key_id}")
+    if not purged:
+        click.echo("no key is due for deletion")
+
+
+@key.command("seal-root")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Seal the local root key with this passphrase (scrypt).")
+@click.option("--unseal", is_flag=True, help="Store the root key unsealed again.")
+@pass_env
+def seal_root(env: Env, passphrase_file, unseal):
+    """Seal the local keystore's root key with a passphrase."""
+    if bool(passphrase_file) == bool(unseal):
+        raise click.UsageError("give exactly one of --passphrase-file and --unseal")
+    _lifecycle(env, "local").seal_root(None if unseal else passphrase_file)
+    click.echo("root key unsealed" if unseal else "root key sealed; set EVSCRYPT_PASSPHRASE_FILE "
+               "or the systemd credential evscrypt-passphrase to use it")

@@ -1,0 +1,1 @@
+"""Cryptographic primitives: the XTS sector cipher and the key derivations."""

@@ -1,0 +1,1 @@
+"""The backing image: header format, geometry and the sector engine."""

@@ -1,0 +1,79 @@
+"""System calls on the backing image file: exact I/O, holes, locks.
+
+This is the one place that turns OSError from the backing file into the
+evscrypt error tree, so the FUSE layer sees NoSpace or StorageError and maps
+them to errno in its own single place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+
+from ..errors import Busy, NoSpace, StorageError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def storage_error(e: OSError, what: str):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: no space left on the backing filesystem")
+    return StorageError(f"{what}: {os.strerror(e.errno) if e.errno else e}")
+
+
+def pread_into(fd: int, buf, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; bytes past the end of the file read as zero."""
+    mv = memoryview(buf)
+    while mv:
+        n = os.preadv(fd, [mv], offset)
+        if n == 0:
+            mv[:] = bytes(len(mv))
+            return
+        mv = mv[n:]
+        offset += n
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        mv = mv[n:]
+        offset += n
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range, keeping the file size; it then reads as zeros."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EOPNOTSUPP:
+            pwrite_all(fd, bytes(length), offset)  # a filesystem without holes
+            return
+        raise OSError(err, os.strerror(err))
+
+
+def lock_exclusive(fd: int, name: str) -> None:
+    """Take the image's attach lock: a flock, so it is released by the kernel
+    if the holder dies, and conflicts across processes and open files."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise Busy(f"volume {name!r} is attached (its image is locked by another user)")
+
+
+def is_locked(path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

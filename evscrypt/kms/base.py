@@ -1,0 +1,101 @@
+"""The KMS backend interface, shared by the local soft-HSM and AWS KMS.
+
+A backend holds customer master keys (CMKs) and only ever hands out data keys
+(DKs): it generates a DK under a CMK and returns it both in plaintext (a
+:class:`Secret`) and wrapped; later it unwraps the wrapped DK, given the same
+encryption context.  Key states follow the cloud model; the refusals for each
+state are the backend's job, and each names the key and its state.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, asdict
+
+from ..errors import KeyStateError
+from ..secret import Secret
+
+
+class KeyState(str, enum.Enum):
+    ENABLED = "Enabled"
+    DISABLED = "Disabled"
+    PENDING_DELETION = "PendingDeletion"
+    DELETED = "Deleted"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class KeyInfo:
+    key_id: str
+    arn: str
+    alias: str | None
+    state: KeyState
+    description: str = ""
+    created: str | None = None
+    deletion_date: str | None = None
+    backend: str = "local"
+    owner: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return d
+
+    def require_usable(self) -> None:
+        """Refuse cryptographic use unless the key is Enabled."""
+        if self.state is KeyState.ENABLED:
+            return
+        what = f"key {self.alias or self.key_id} is {self.state.value}"
+        if self.state is KeyState.PENDING_DELETION and self.deletion_date:
+            what += f" (deletion on {self.deletion_date})"
+        if self.state is KeyState.DELETED:
+            what += "; volumes under it are lost"
+        raise KeyStateError(what)
+
+
+class KMSBackend(abc.ABC):
+    """What every KMS backend provides."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def generate_data_key(self, key: str, context: dict[str, str], nbytes: int = 64) -> tuple[Secret, bytes, str]:
+        """Return (plaintext DK, wrapped DK, canonical key id) under ``key``."""
+
+    @abc.abstractmethod
+    def decrypt(self, wrapped: bytes, context: dict[str, str], key: str) -> Secret:
+        """Unwrap ``wrapped`` with ``context``; refuse unless the key is Enabled."""
+
+    @abc.abstractmethod
+    def describe(self, key: str) -> KeyInfo:
+        """Describe a key by id, ARN or alias."""
+
+    @abc.abstractmethod
+    def list_keys(self) -> list[KeyInfo]:
+        """All keys this backend can see."""
+
+    # Lifecycle.  Backends whose lifecycle lives elsewhere (AWS) refuse these.
+    def create_key(self, alias: str, description: str = "", owner: int | None = None) -> KeyInfo:
+        raise NotImplementedError
+
+    def enable(self, key: str) -> KeyInfo:
+        raise NotImplementedError
+
+    def disable(self, key: str) -> KeyInfo:
+        raise NotImplementedError
+
+    def schedule_deletion(self, key: str, days: int = 30) -> KeyInfo:
+        raise NotImplementedError
+
+    def cancel_deletion(self, key: str) -> KeyInfo:
+        raise NotImplementedError
+
+    def purge_due(self) -> list[KeyInfo]:
+        return []
+
+    def default_key(self) -> str:
+        """The key used when the user names none."""
+        raise NotImplementedError

@@ -1,0 +1,402 @@
+"""The local soft-HSM: the default, zero set-up KMS backend.
+
+CMKs live in ``keys.json`` under the state directory, each encrypted with
+AES-256-GCM under a root key.  The root key is a 0600 file, optionally sealed
+with a passphrase through scrypt.  Data keys are wrapped with AES-256-GCM under
+the CMK, with the encryption context as authenticated data, so a wrapped DK
+copied into another volume's header does not unwrap there.
+
+Every change happens under an exclusive ``flock`` on ``.lock`` and is written
+to a temporary file that replaces ``keys.json`` atomically; a crash keeps
+either the old or the new keystore, never a torn one.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import struct
+import uuid as uuidlib
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from ..errors import (
+    AlreadyExists, InvalidArgument, InvalidCiphertext, KeyNotFound, KeyProtected,
+    KeyStateError, KMSError, PermissionDenied,
+)
+from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
+from ..secret import Secret
+from .base import KeyInfo, KeyState, KMSBackend
+
+# Wrapped-DK blob: magic, format version, CMK id (16 bytes), GCM nonce, then
+# ciphertext+tag.  The blob names its CMK, so unwrap needs no lookup table.
+WRAP_MAGIC = b"EVSW"
+WRAP_VERSION = 1
+_WRAP_HEAD = struct.Struct(">4sB16s12s")
+
+MIN_DELETION_DAYS, MAX_DELETION_DAYS, DEFAULT_DELETION_DAYS = 7, 1096, 30
+# scrypt cost: ~100 ms and 32 MiB here; only run when the root key is loaded.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+PASSPHRASE_CREDENTIAL = "evscrypt-passphrase"
+ARN_PREFIX = "arn:evscrypt:kms:local:key/"
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def _iso(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _parse_iso(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def _context_aad(head: bytes, context: dict[str, str]) -> bytes:
+    return head + json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def passphrase_source() -> Path | None:
+    """Where the root-key passphrase comes from: a file named by
+    EVSCRYPT_PASSPHRASE_FILE, or the systemd credential evscrypt-passphrase."""
+    env = os.environ.get("EVSCRYPT_PASSPHRASE_FILE")
+    if env:
+        return Path(env)
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and (Path(creds) / PASSPHRASE_CREDENTIAL).exists():
+        return Path(creds) / PASSPHRASE_CREDENTIAL
+    return None
+
+
+def _read_passphrase(path: Path) -> bytearray:
+    try:
+        data = bytearray(path.read_bytes())
+    except OSError as e:
+        raise KMSError(f"cannot read passphrase file {path}: {e.strerror}")
+    while data and data[-1:] in (b"\n", b"\r"):
+        data.pop()
+    if not data:
+        raise InvalidArgument(f"passphrase file {path} is empty")
+    return data
+
+
+def _scrypt(passphrase: bytearray, salt: bytes) -> Secret:
+    kdf = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    out = bytearray(kdf.derive(passphrase))
+    return Secret.from_buffer(out, wipe_source=True)
+
+
+class LocalKMS(KMSBackend):
+    """A file-backed soft-HSM under ``directory``."""
+
+    name = "local"
+
+    def __init__(self, directory: Path, clock: Callable[[], datetime] | None = None):
+        self.dir = Path(directory)
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.keys_path = self.dir / "keys.json"
+        self.root_path = self.dir / "root.key"
+
+    def __repr__(self) -> str:
+        return f"<LocalKMS {self.dir}>"
+
+    # -- files and locking -------------------------------------------------
+    def _ensure_dir(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Exclusive lock on the keystore: guards keys.json and root.key
+        against concurrent read-modify-write by other processes."""
+        self._ensure_dir()
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _root_key(self) -> Secret:
+        """Load (creating on first use) the root key that encrypts CMKs."""
+        if not self.root_path.exists():
+            root = Secret.random(32)
+            _atomic_write(self.root_path, json.dumps(
+                {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}).encode())
+            return root
+        try:
+            doc = json.loads(self.root_path.read_text())
+            kdf = doc["kdf"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KMSError(f"root key file {self.root_path} is unreadable or damaged")
+        if kdf == "none":
+            raw = bytearray(_unb64(doc["key"]))
+            return Secret.from_buffer(raw, wipe_source=True)
+        if kdf == "scrypt":
+            src = passphrase_source()
+            if src is None:
+                raise KMSError("the root key is sealed: set EVSCRYPT_PASSPHRASE_FILE or the "
+                               f"systemd credential {PASSPHRASE_CREDENTIAL}")
+            pw = _read_passphrase(src)
+            try:
+                kek = _scrypt(pw, _unb64(doc["salt"]))
+            finally:
+                pw[:] = bytes(len(pw))
+            try:
+                raw = bytearray(AESGCM(kek.view()).decrypt(_unb64(doc["nonce"]), _unb64(doc["ct"]), b"evscrypt/v1 root"))
+            except InvalidTag:
+                raise KMSError("wrong passphrase for the sealed root key")
+            finally:
+                kek.wipe()
+            return Secret.from_buffer(raw, wipe_source=True)
+        raise KMSError(f"root key file uses unknown kdf {kdf!r}")
+
+    def seal_root(self, passphrase_file: Path | None) -> None:
+        """Re-store the root key sealed with a passphrase (or unsealed if None)."""
+        with self._locked():
+            self._load()  # creates the keystore and default key if needed
+            with self._root_key() as root:
+                if passphrase_file is None:
+                    doc = {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}
+                else:
+                    pw = _read_passphrase(Path(passphrase_file))
+                    salt, nonce = os.urandom(16), os.urandom(12)
+                    try:
+                        kek = _scrypt(pw, salt)
+                    finally:
+                        pw[:] = bytes(len(pw))
+                    with kek:
+                        ct = AESGCM(kek.view()).encrypt(nonce, root.view(), b"evscrypt/v1 root")
+                    doc = {"version": 1, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                           "salt": _b64(salt), "nonce": _b64(nonce), "ct": _b64(ct)}
+                _atomic_write(self.root_path, json.dumps(doc).encode())
+
+    def _read(self) -> dict:
+        try:
+            doc = json.loads(self.keys_path.read_text())
+        except FileNotFoundError:
+            return {"version": 1, "keys": []}
+        except (OSError, ValueError) as e:
+            raise KMSError(f"keystore {self.keys_path} is damaged: {e}")
+        if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("keys"), list):
+            raise KMSError(f"keystore {self.keys_path} has an unknown format")
+        return doc
+
+    def _write(self, doc: dict) -> None:
+        _atomic_write(self.keys_path, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    def _load(self) -> dict:
+        """Read the keystore, create evs/default on first use and destroy
+        keys whose deletion date has passed.  Call with the lock held."""
+        doc = self._read()
+        changed = False
+        if not any(k["alias"] == DEFAULT_ALIAS for k in doc["keys"]):
+            doc["keys"].append(self._new_record(DEFAULT_ALIAS, "Default key for evscrypt volumes", None))
+            changed = True
+        changed |= bool(self._purge(doc))
+        if changed:
+            self._write(doc)
+        return doc
+
+    def _purge(self, doc: dict) -> list[dict]:
+        now = self.clock()
+        purged = []
+        for rec in doc["keys"]:
+            if rec["state"] == KeyState.PENDING_DELETION.value and _parse_iso(rec["deletion_date"]) <= now:
+                rec["state"] = KeyState.DELETED.value
+                rec["material"] = None  # the CMK is gone for good
+                purged.append(rec)
+        return purged
+
+    def _new_record(self, alias: str, description: str, owner: int | None) -> dict:
+        key_id = str(uuidlib.uuid4())
+        with self._root_key() as root, Secret.random(32) as cmk:
+            nonce = os.urandom(12)
+            ct = AESGCM(root.view()).encrypt(nonce, cmk.view(), b"evscrypt/v1 cmk:" + key_id.encode())
+        return {"key_id": key_id, "alias": alias, "description": description,
+                "state": KeyState.ENABLED.value, "created": _iso(self.clock()),
+                "deletion_date": None, "owner": owner,
+                "material": {"nonce": _b64(nonce), "ct": _b64(ct)}}
+
+    def _cmk(self, rec: dict) -> Secret:
+        m = rec["material"]
+        if m is None:
+            raise KeyStateError(f"key {rec['alias'] or rec['key_id']} is Deleted; volumes under it are lost")
+        with self._root_key() as root:
+            try:
+                raw = bytearray(AESGCM(root.view()).decrypt(
+                    _unb64(m["nonce"]), _unb64(m["ct"]), b"evscrypt/v1 cmk:" + rec["key_id"].encode()))
+            except InvalidTag:
+                raise KMSError("keystore entry does not decrypt under the root key")
+        return Secret.from_buffer(raw, wipe_source=True)
+
+    # -- lookups ---------------------------------------------------------
+    @staticmethod
+    def _find(doc: dict, key: str) -> dict:
+        k = key
+        if k.startswith(ARN_PREFIX):
+            k = k[len(ARN_PREFIX):]
+        alias = k[6:] if k.startswith("alias/") else k
+        for rec in doc["keys"]:
+            if rec["key_id"] == k or rec["alias"] == alias:
+                return rec
+        raise KeyNotFound(f"key {key!r} not found")
+
+    @staticmethod
+    def _info(rec: dict) -> KeyInfo:
+        return KeyInfo(key_id=rec["key_id"], arn=ARN_PREFIX + rec["key_id"], alias=rec["alias"],
+                       state=KeyState(rec["state"]), description=rec["description"],
+                       created=rec["created"], deletion_date=rec["deletion_date"],
+                       backend="local", owner=rec.get("owner"))
+
+    # -- data keys ---------------------------------------------------------
+    def default_key(self) -> str:
+        return DEFAULT_ALIAS
+
+    def generate_data_key(self, key, context, nbytes=64):
+        with self._locked():
+            rec = self._find(self._load(), key)
+        self._info(rec).require_usable()
+        dk = Secret.random(nbytes)
+        head = _WRAP_HEAD.pack(WRAP_MAGIC, WRAP_VERSION, uuidlib.UUID(rec["key_id"]).bytes, os.urandom(12))
+        with self._cmk(rec) as cmk:
+            ct = AESGCM(cmk.view()).encrypt(head[-12:], dk.view(), _context_aad(head, context))
+        return dk, head + ct, rec["key_id"]
+
+    def decrypt(self, wrapped, context, key=None):
+        if len(wrapped) < _WRAP_HEAD.size + 16:
+            raise InvalidCiphertext("wrapped data key is truncated")
+        magic, version, kid, nonce = _WRAP_HEAD.unpack_from(wrapped)
+        if magic != WRAP_MAGIC or version != WRAP_VERSION:
+            raise InvalidCiphertext("wrapped data key is not a local KMS blob of a known version")
+        key_id = str(uuidlib.UUID(bytes=kid))
+        with self._locked():
+            doc = self._load()
+        if key is not None and self._find(doc, key)["key_id"] != key_id:
+            raise InvalidCiphertext(f"wrapped data key was not made under key {key}")
+        rec = self._find(doc, key_id)
+        self._info(rec).require_usable()
+        head = bytes(wrapped[:_WRAP_HEAD.size])
+        with self._cmk(rec) as cmk:
+            try:
+                raw = bytearray(AESGCM(cmk.view()).decrypt(nonce, bytes(wrapped[_WRAP_HEAD.size:]), _context_aad(head, context)))
+            except InvalidTag:
+                raise InvalidCiphertext("wrapped data key does not decrypt: wrong key or encryption context")
+        return Secret.from_buffer(raw, wipe_source=True)
+
+    # -- metadata ------------------------------------------------------------
+    def describe(self, key):
+        with self._locked():
+            return self._info(self._find(self._load(), key))
+
+    def list_keys(self):
+        with self._locked():
+            return [self._info(r) for r in self._load()["keys"]]
+
+    def purge_due(self):
+        with self._locked():
+            doc = self._read()
+            purged = self._purge(doc)
+            if purged:
+                self._write(doc)
+        return [self._info(r) for r in purged]
+
+    # -- lifecycle -----------------------------------------------------------
+    def create_key(self, alias, description="", owner=None):
+        alias = check_alias(alias)
+        if alias.startswith(RESERVED_ALIAS_PREFIX):
+            raise InvalidArgument(f"aliases under {RESERVED_ALIAS_PREFIX!r} are reserved")
+        with self._locked():
+            doc = self._load()
+            if any(r["alias"] == alias for r in doc["keys"]):
+                raise AlreadyExists(f"key alias {alias!r} already exists")
+            rec = self._new_record(alias, description, owner)
+            doc["keys"].append(rec)
+            self._write(doc)
+        return self._info(rec)
+
+    def _change(self, key: str, fn) -> KeyInfo:
+        with self._locked():
+            doc = self._load()
+            rec = self._find(doc, key)
+            fn(rec)
+            self._write(doc)
+            return self._info(rec)
+
+    @staticmethod
+    def _protect(rec: dict, verb: str) -> None:
+        if rec["alias"] == DEFAULT_ALIAS:
+            raise KeyProtected(f"the default key {DEFAULT_ALIAS} cannot be {verb}")
+
+    @staticmethod
+    def _require(rec: dict, *states: KeyState, verb: str) -> None:
+        if KeyState(rec["state"]) not in states:
+            raise KeyStateError(f"cannot {verb} key {rec['alias'] or rec['key_id']}: it is {rec['state']}")
+
+    def enable(self, key):
+        def fn(rec):
+            self._require(rec, KeyState.ENABLED, KeyState.DISABLED, verb="enable")
+            rec["state"] = KeyState.ENABLED.value
+        return self._change(key, fn)
+
+    def disable(self, key):
+        def fn(rec):
+            self._protect(rec, "disabled")
+            self._require(rec, KeyState.ENABLED, KeyState.DISABLED, verb="disable")
+            rec["state"] = KeyState.DISABLED.value
+        return self._change(key, fn)
+
+    def schedule_deletion(self, key, days=DEFAULT_DELETION_DAYS):
+        if not MIN_DELETION_DAYS <= days <= MAX_DELETION_DAYS:
+            raise InvalidArgument(f"the deletion window must be {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS} days")
+
+        def fn(rec):
+            self._protect(rec, "scheduled for deletion")
+            self._require(rec, KeyState.ENABLED, KeyState.DISABLED, verb="schedule deletion of")
+            rec["state"] = KeyState.PENDING_DELETION.value
+            rec["deletion_date"] = _iso(self.clock() + timedelta(days=days))
+        return self._change(key, fn)
+
+    def cancel_deletion(self, key):
+        def fn(rec):
+            self._require(rec, KeyState.PENDING_DELETION, verb="cancel deletion of")
+            rec["state"] = KeyState.DISABLED.value  # as AWS does
+            rec["deletion_date"] = None
+        return self._change(key, fn)
+
+    def check_owner(self, key: str, uid: int) -> None:
+        """Refuse a non-root caller the use of a key they do not own."""
+        info = self.describe(key)
+        if uid != 0 and info.owner not in (None, uid):
+            raise PermissionDenied(f"key {info.alias or info.key_id} belongs to another user")

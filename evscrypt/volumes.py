@@ -1,0 +1,289 @@
+"""The volume store: named images under ``<home>/volumes``.
+
+It creates volumes (generating and wrapping the DK), lists and describes them,
+unwraps a volume's DK through its KMS backend and checks the header MAC, and
+deletes volumes that are not attached.  It is the one place that decides the
+encryption context, so every path that wraps or unwraps a DK agrees on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .crypto.xts import SECTOR_SIZE, SectorCipher
+from .errors import AlreadyExists, EvscryptError, FormatError, InvalidArgument, NotFound, StorageError
+from .image import header as hdr
+from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
+from .image.engine import Engine
+from .image.geometry import DEFAULT_DATA_OFFSET
+from .kms import KMSBackend, open_backend
+from .names import check_name
+from .secret import Secret
+
+#: Largest volume we accept: 64 TiB, far beyond what a sparse file on one
+#: host should carry, and small enough that offsets fit every API.
+MAX_SIZE = 64 << 40
+CONTEXT_UUID = "evscrypt:volume-uuid"
+CONTEXT_NAME = "evscrypt:volume-name"
+
+
+def encryption_context(uuid: str, name: str) -> dict[str, str]:
+    return {CONTEXT_UUID: uuid, CONTEXT_NAME: name}
+
+
+@dataclass
+class Opened:
+    """An open image: its fd and the header as read."""
+
+    path: Path
+    fd: int
+    loaded: hdr.Loaded
+
+    @property
+    def header(self) -> hdr.Header:
+        return self.loaded.header
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class VolumeStore:
+    def __init__(self, home: Path):
+        self.home = Path(home)
+        self.dir = self.home / "volumes"
+        self._backends: dict[str, KMSBackend] = {}
+
+    def backend(self, name: str) -> KMSBackend:
+        if name not in self._backends:
+            self._backends[name] = open_backend(name, self.home)
+        return self._backends[name]
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{check_name(name)}.img"
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name[:-4] for p in self.dir.iterdir() if p.name.endswith(".img") and not p.name.startswith("."))
+
+    # -- open ------------------------------------------------------------------
+    def open(self, name: str, write: bool = False) -> Opened:
+        path = self.path(name)
+        try:
+            fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"volume {name!r} not found")
+        except OSError as e:
+            raise storage_error(e, f"cannot open volume {name!r}")
+        try:
+            loaded = hdr.load(fd, str(path))
+        except EvscryptError as e:
+            os.close(fd)
+            raise type(e)(f"volume {name!r}: {e.message}")
+        except OSError as e:
+            os.close(fd)
+            raise storage_error(e, f"cannot read volume {name!r}")
+        return Opened(path, fd, loaded)
+
+    def unwrap(self, header: hdr.Header) -> Secret:
+        """The volume's DK, unwrapped by its KMS and checked against the MAC."""
+        if not header.encrypted:
+            raise InvalidArgument(f"volume {header.name!r} is not encrypted")
+        kms = self.backend(header.kms_backend)
+        dk = kms.decrypt(header.wrapped_dk, header.encryption_context, header.key_id)
+        try:
+            header.verify(dk)
+        except BaseException:
+            dk.wipe()
+            raise
+        return dk
+
+    # -- create ----------------------------------------------------------------
+    def create(self, name: str, size: int, *, encrypted: bool = True, kms: str = "local",
+               key: str | None = None, preallocate: bool = False, origin: dict | None = None,
+               owner: int | None = None, progress: Callable[[int], None] | None = None,
+               fill: Callable[[Engine], None] | None = None) -> hdr.Header:
+        """Create a volume; ``fill`` may write its initial contents.
+
+        The image is built under a temporary name and renamed into place only
+        when complete, so an interrupted create leaves no half-made volume.
+        """
+        check_name(name)
+        if size <= 0 or size % SECTOR_SIZE:
+            raise InvalidArgument("volume size must be a positive multiple of 4096 bytes")
+        if size > MAX_SIZE:
+            raise InvalidArgument("volume size exceeds the 64 TiB limit")
+        final = self.path(name)
+        if final.exists():
+            raise AlreadyExists(f"volume {name!r} already exists")
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        vol_uuid = str(uuidlib.uuid4())
+        h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
+                       data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
+        dk = None
+        if encrypted:
+            backend = self.backend(kms)
+            h.encryption_context = encryption_context(vol_uuid, name)
+            dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(), h.encryption_context)
+            h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
+            h.seal(dk)
+        tmp = self.dir / f".{name}.img.{vol_uuid[:8]}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if dk:
+                dk.wipe()
+            raise storage_error(e, f"cannot create volume {name!r}")
+        try:
+            if owner is not None and owner != os.geteuid():
+                os.fchown(fd, owner, -1)
+            os.ftruncate(fd, h.data_offset + size)
+            hdr.store(fd, h)
+            if preallocate or fill:
+                cipher = SectorCipher(dk) if dk else None
+                try:
+                    eng = Engine(fd, size, h.data_offset, cipher)
+                    if preallocate:
+                        self._preallocate(eng, progress)
+                    if fill:
+                        fill(eng)
+                finally:
+                    if cipher:
+                        cipher.close()
+            os.fsync(fd)
+            if final.exists():
+                raise AlreadyExists(f"volume {name!r} already exists")
+            os.rename(tmp, final)
+            _fsync_dir(self.dir)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise storage_error(e, f"cannot create volume {name!r}")
+            raise
+        finally:
+            os.close(fd)
+            if dk:
+                dk.wipe()
+        return h
+
+    @staticmethod
+    def _preallocate(eng: Engine, progress) -> None:
+        """Fill the data area with encrypted zeros, so no sector is unwritten."""
+        chunk = 1 << 20
+        zeros = bytes(chunk)
+        off = 0
+        while off < eng.size:
+            n = min(chunk, eng.size - off)
+            eng._write_sectors(off // SECTOR_SIZE, memoryview(zeros)[:n])
+            off += n
+            if progress:
+                progress(n)
+
+    # -- inspect -------------------------------------------------------------
+    def header(self, name: str) -> hdr.Header:
+        op = self.open(name)
+        op.close()
+        return op.header
+
+    def info(self, name: str) -> dict:
+        op = self.open(name)
+        try:
+            h = op.header
+            st = os.fstat(op.fd)
+        finally:
+            op.close()
+        d = {
+            "name": name,
+            "uuid": h.uuid,
+            "size": h.size,
+            "encrypted": h.encrypted,
+            "sector_size": h.sector_size,
+            "cipher": h.cipher if h.encrypted else None,
+            "data_offset": h.data_offset,
+            "kms": h.kms_backend,
+            "key_id": h.key_id,
+            "key_alias": None,
+            "key_state": None,
+            "image_path": str(op.path),
+            "allocated": st.st_blocks * 512,
+            "created": h.created,
+            "origin": h.origin,
+            "features": h.features,
+            "attached": is_locked(op.path),
+            "header_copies_valid": list(op.loaded.valid),
+        }
+        if h.encrypted:
+            try:
+                ki = self.backend(h.kms_backend).describe(h.key_id)
+                d["key_state"], d["key_alias"] = ki.state.value, ki.alias
+            except EvscryptError as e:
+                d["key_state"] = f"Unknown ({e.message})"
+        return d
+
+    def delete(self, name: str) -> None:
+        op = self.open(name, write=True)
+        try:
+            lock_exclusive(op.fd, name)
+            os.unlink(op.path)
+            _fsync_dir(self.dir)
+        finally:
+            op.close()
+
+    def dump_key(self, name: str, key_file: Path) -> Path:
+        """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""
+        h = self.header(name)
+        with self.unwrap(h) as dk:
+            try:
+                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise AlreadyExists(f"{key_file} already exists; refusing to overwrite it")
+            except OSError as e:
+                raise StorageError(f"cannot create {key_file}: {e.strerror}")
+            try:
+                pwrite_all(fd, dk.view(), 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return self.path(name)
+
+    @contextlib.contextmanager
+    def engine(self, name: str, write: bool = False) -> Iterator[tuple[Engine, hdr.Header]]:
+        """An engine on a volume for offline use (tools and tests), holding
+        the attach lock so it cannot race an attached daemon."""
+        op = self.open(name, write=True)
+        cipher = None
+        try:
+            lock_exclusive(op.fd, name)
+            if op.header.encrypted:
+                with self.unwrap(op.header) as dk:
+                    cipher = SectorCipher(dk)
+            yield Engine(op.fd, op.header.size, op.header.data_offset, cipher), op.header
+        finally:
+            if cipher:
+                cipher.close()
+            op.close()
+
+
+def cryptsetup_command(image: Path, key_file: Path, header: hdr.Header, mapping: str | None = None) -> str:
+    """The dm-crypt command that opens this image with its dumped DK."""
+    return (f"cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size {SECTOR_SIZE} "
+            f"--offset {header.data_offset // 512} --key-file {key_file} {image} {mapping or header.name}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

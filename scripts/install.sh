@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# make install: system packages (as root), the venv, and the package with its
+# test extra.  Idempotent; a second run with nothing missing takes a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfsprogs util-linux kmod)
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "install: apt packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "install: missing apt packages (run as root to install): ${missing[*]}" >&2
+    fi
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+    echo "install: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+stamp=$VENV/.evscrypt-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "install: pip install -e .[test]"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
