@@ -1,0 +1,86 @@
+"""`evscrypt daemon | attach | detach | status`: talk to the running daemon."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .. import client
+from ..errors import DaemonUnavailable
+from ..paths import socket_path
+from .common import Env, emit_json, human_size, pass_env, table, warn
+
+
+@click.command()
+@click.option("--mountpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to mount the disks directory (default: RUNTIME_DIR/disks).")
+@click.option("--socket-group", default=None, help="Let this group use the control socket (mode 0660).")
+@pass_env
+def daemon(env: Env, mountpoint, socket_group):
+    """Run the daemon in the foreground (systemd Type=notify)."""
+    from ..daemon.main import run
+
+    raise SystemExit(run(env.home, env.runtime, mountpoint, socket_group, env.debug))
+
+
+@click.command()
+@click.argument("name")
+@click.option("--mount", "mount_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also set up a loop device and mount its filesystem here.")
+@click.option("--mkfs", type=click.Choice(["ext4", "xfs"]), default=None,
+              help="With --mount: create this filesystem if the disk is blank.")
+@pass_env
+def attach(env: Env, name, mount_dir, mkfs):
+    """Attach volume NAME: unwrap its key and expose it as a disk file."""
+    if mkfs and not mount_dir:
+        raise click.UsageError("--mkfs needs --mount")
+    r = client.call(socket_path(env.runtime), "attach", name=name,
+                    mount=str(mount_dir.absolute()) if mount_dir else None, mkfs=mkfs)
+    click.echo(r["path"])
+    if r.get("mount"):
+        m = r["mount"]
+        click.echo(f"mounted {m['fstype']} on {m['loop']} at {m['mountpoint']}", err=True)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Detach even if open, in use, or its key can no longer attach it.")
+@pass_env
+def detach(env: Env, name, force):
+    """Detach volume NAME: unmount, flush, and wipe its key from memory."""
+    r = client.call(socket_path(env.runtime), "detach", name=name, force=force)
+    for w in r.get("warnings", []):
+        warn(w)
+    click.echo(f"detached {name}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_env
+def status(env: Env, as_json):
+    """Show whether the daemon is up and what is attached (exit 0 only if it answers)."""
+    try:
+        r = client.call(socket_path(env.runtime), "status", timeout=60)
+    except DaemonUnavailable as e:
+        if as_json:
+            emit_json({"running": False, "error": e.message})
+        raise
+    r["running"] = True
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"daemon running (pid {r['pid']}), disks at {r['mountpoint']}")
+    rows = [[v["name"], human_size(v["size"]), v["state"], v["key_state"] or "-", v["open_handles"],
+             v["io"]["reads"], v["io"]["writes"], v["mount"]["mountpoint"] if v["mount"] else "-", v["path"]]
+            for v in r["volumes"]]
+    if rows:
+        table(rows, ["NAME", "SIZE", "STATE", "KEY STATE", "OPEN", "READS", "WRITES", "MOUNT", "PATH"])
+    else:
+        click.echo("no volumes attached")
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (daemon, attach, detach, status):
+        cli.add_command(cmd)

@@ -1,0 +1,46 @@
+"""The CLI's side of the control socket: one request, one response."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from . import protocol
+from .errors import DaemonUnavailable, ProtocolError
+
+#: Attach may wait for a KMS (bounded by the backend) and a mkfs; status is fast.
+DEFAULT_TIMEOUT = 600.0
+
+
+def call(sock_path: Path, op: str, timeout: float = DEFAULT_TIMEOUT, **args):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(sock_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {sock_path})")
+        except PermissionError:
+            raise DaemonUnavailable(f"permission denied on {sock_path}")
+        try:
+            s.sendall(protocol.encode(protocol.request(op, **args)))
+            buf = bytearray()
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > protocol.MAX_MESSAGE:
+                    raise ProtocolError("daemon response too large")
+        except socket.timeout:
+            raise DaemonUnavailable(f"the evscrypt daemon did not answer within {timeout:.0f} s")
+        except OSError as e:
+            raise DaemonUnavailable(f"lost the connection to the daemon: {e.strerror or e}")
+    finally:
+        s.close()
+    if not buf:
+        raise DaemonUnavailable("the evscrypt daemon closed the connection without answering")
+    resp = protocol.decode(bytes(buf))
+    if not resp.get("ok"):
+        protocol.raise_error(resp)
+    return resp.get("result")

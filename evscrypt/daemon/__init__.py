@@ -1,0 +1,1 @@
+"""The evscrypt daemon: FUSE exposure of attached volumes, control socket."""

@@ -1,0 +1,117 @@
+"""Daemon start-up and teardown.
+
+Start: make the process non-dumpable, refuse if another daemon answers on
+the socket, clean up a stale FUSE mount (and loops over it) left by a crash,
+mount, start the control socket, then tell systemd READY=1.
+Stop (SIGTERM/SIGINT): STOPPING=1, detach everything (flush, unmount, wipe
+keys), leave the FUSE loop and unmount.  Exit 0.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .. import client
+from ..errors import Busy, DaemonUnavailable, EvscryptError
+from ..paths import socket_path
+from ..secret import set_nondumpable
+from ..volumes import VolumeStore
+from . import loopmount
+from .control import ControlServer
+from .manager import VolumeManager
+from .notify import sd_notify
+from .ops import Operations
+
+log = logging.getLogger("evscrypt.daemon")
+#: 1 MiB requests: fewer round trips for sequential I/O.
+MAX_IO = 1 << 20
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[1].replace("\\040", " ") == target:
+                return True
+    except OSError:
+        pass
+    return False
+
+
+def cleanup_stale(mountpoint: Path) -> None:
+    for what in loopmount.cleanup_stale(mountpoint):
+        log.warning("stale state from a previous run: %s", what)
+    if _is_mountpoint(mountpoint):
+        log.warning("unmounting stale FUSE mount at %s", mountpoint)
+        p = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True)
+        if p.returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    if _is_mountpoint(mountpoint):
+        raise Busy(f"{mountpoint} is still mounted and cannot be cleaned up")
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _serve(manager: VolumeManager, control: ControlServer) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main)
+        await nursery.start(control.serve)
+        sd_notify("READY=1")
+        log.info("ready: disks at %s, control socket %s", manager.disks, control.path)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("received %s: detaching everything", signal.Signals(sig).name)
+                break
+        sd_notify("STOPPING=1")
+        await manager.detach_all()
+        pyfuse3.terminate()
+        nursery.cancel_scope.cancel()
+
+
+def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
+        debug: bool = False) -> int:
+    setup_logging(debug)
+    set_nondumpable()
+    runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
+    mountpoint = Path(mountpoint or runtime / "disks")
+    sock = socket_path(runtime)
+    try:
+        client.call(sock, "ping", timeout=5)
+    except DaemonUnavailable:
+        pass
+    else:
+        raise Busy(f"another evscrypt daemon is already serving {sock}")
+    cleanup_stale(mountpoint)
+    mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+    manager = VolumeManager(VolumeStore(home), mountpoint)
+    ops = Operations(manager)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=evscrypt", "subtype=evscrypt", "allow_other"}
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as e:
+        raise EvscryptError(f"cannot mount FUSE at {mountpoint}: {e}")
+    unmounted = False
+    try:
+        trio.run(_serve, manager, ControlServer(manager, sock, socket_group))
+        pyfuse3.close(unmount=True)
+        unmounted = True
+    finally:
+        if not unmounted:
+            pyfuse3.close(unmount=True)
+    log.info("stopped")
+    return 0

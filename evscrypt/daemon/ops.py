@@ -1,0 +1,245 @@
+"""FUSE operations: translate kernel requests into engine calls.
+
+A flat directory holds one regular file per attached volume.  This layer
+never touches a cipher; it finds the attachment, clamps the range, runs the
+engine (inline for small requests, in a worker thread for large ones and for
+fsync) and turns errors into errno through errno_map, the only place that
+knows that mapping.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+import trio
+
+from ..errors import EvscryptError, StorageError
+from ..crypto.xts import SECTOR_SIZE
+from .errno_map import errno_for
+from .manager import THREAD_MIN, Attachment, VolumeManager
+
+log = logging.getLogger("evscrypt.fuse")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: Attribute and entry cache time: short, because attach, detach and resize
+#: change what the directory holds.
+ATTR_TIMEOUT = 1.0
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, manager: VolumeManager):
+        super().__init__()
+        self.m = manager
+        self._handles: dict[int, Attachment] = {}
+        self._next_fh = 1
+        self._mount_time_ns = time.time_ns()
+        manager.invalidate = self._invalidate
+
+    def _invalidate(self, inode: int, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), deleted=inode, ignore_enoent=True)
+        except Exception as e:  # the kernel may have forgotten the entry already
+            log.debug("invalidate %s: %s", name, e)
+
+    # -- attributes ------------------------------------------------------------
+    def _root_attr(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.ROOT_INODE
+        a.st_mode = stat.S_IFDIR | 0o755
+        a.st_nlink = 2
+        a.st_uid = a.st_gid = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._mount_time_ns
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        return a
+
+    def _file_attr(self, v: Attachment) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = v.inode
+        a.st_mode = stat.S_IFREG | 0o600
+        a.st_nlink = 1
+        a.st_uid = v.owner
+        a.st_gid = 0
+        a.st_size = v.size
+        a.st_blksize = SECTOR_SIZE
+        a.st_blocks = v.size // 512
+        ns = int(v.attached_at * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.entry_timeout = a.attr_timeout = ATTR_TIMEOUT
+        return a
+
+    def _by_inode(self, inode: int) -> Attachment:
+        v = self.m.by_inode.get(inode)
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return v
+
+    async def getattr(self, inode, ctx=None):
+        if inode == pyfuse3.ROOT_INODE:
+            return self._root_attr()
+        return self._file_attr(self._by_inode(inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return self._root_attr()
+        v = self.m.by_name.get(os.fsdecode(name))
+        if v is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._file_attr(v)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        v = self._by_inode(inode) if inode != pyfuse3.ROOT_INODE else None
+        if v is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size and attr.st_size != v.size:
+            raise pyfuse3.FUSEError(errno.EPERM)  # a disk's size changes only by resize
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._file_attr(v)  # time updates are accepted and ignored
+
+    # -- directory ---------------------------------------------------------------
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        for v in sorted(self.m.by_name.values(), key=lambda a: a.inode):
+            if v.inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, v.name.encode(), self._file_attr(v), v.inode):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        total = sum(v.size for v in self.m.by_name.values())
+        s.f_bsize = s.f_frsize = SECTOR_SIZE
+        s.f_blocks = total // SECTOR_SIZE
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.m.by_name) + 1
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # The namespace is managed by attach and detach only.
+    async def _refuse(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _refuse
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return []
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    # -- files -----------------------------------------------------------------
+    async def open(self, inode, flags, ctx):
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        v = self._by_inode(inode)
+        if flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = v
+        v.opened += 1
+        # keep_cache: only this mount writes the data, so cached pages stay true
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    async def release(self, fh):
+        v = self._handles.pop(fh, None)
+        if v is not None:
+            v.opened -= 1
+
+    def _live(self, fh: int) -> Attachment:
+        v = self._handles.get(fh)
+        if v is None or v.detached:
+            raise pyfuse3.FUSEError(errno.EIO)  # force-detached under an open handle
+        if v.failed:
+            raise pyfuse3.FUSEError(errno.EIO)
+        return v
+
+    async def _run(self, v: Attachment, size: int, fn, *args):
+        """Run an engine call, inline if small, and map its errors."""
+        v.inflight += 1
+        try:
+            if size >= THREAD_MIN:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.m.io_limiter)
+            return fn(*args)
+        except (EvscryptError, OSError) as e:
+            v.counters.errors += 1
+            if isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno == errno.EIO):
+                v.failed = getattr(e, "message", None) or str(e)
+                log.error("volume %s failed: %s", v.name, v.failed)
+            code = errno_for(e)
+            raise pyfuse3.FUSEError(code)
+        finally:
+            v.inflight -= 1
+
+    async def read(self, fh, off, size):
+        v = self._live(fh)
+        if off >= v.size or size <= 0:
+            return b""
+        size = min(size, v.size - off)
+        data = await self._run(v, size, v.engine.read, off, size)
+        v.counters.reads += 1
+        v.counters.bytes_read += size
+        return data
+
+    async def write(self, fh, off, buf):
+        v = self._live(fh)
+        if off >= v.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk never grows
+        if off + len(buf) > v.size:
+            buf = memoryview(buf)[:v.size - off]
+        n = await self._run(v, len(buf), v.engine.write, off, buf)
+        v.counters.writes += 1
+        v.counters.bytes_written += n
+        return n
+
+    async def flush(self, fh):
+        self._live(fh)  # data is already in the backing file; fsync makes it durable
+
+    async def fsync(self, fh, datasync):
+        v = self._live(fh)
+        await self._run(v, THREAD_MIN, v.engine.fsync, bool(datasync))
+        v.counters.fsyncs += 1
+
+    async def fallocate(self, fh, mode, off, length):
+        v = self._live(fh)
+        if mode & FALLOC_FL_PUNCH_HOLE or mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            if off >= v.size:
+                return
+            length = min(length, v.size - off)
+            await self._run(v, THREAD_MIN, v.engine.discard, off, length)
+            v.counters.discards += 1
+            return
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if off + length > v.size and not mode & FALLOC_FL_KEEP_SIZE:
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # would grow the disk
+        # plain allocation inside the disk: every sector already exists
