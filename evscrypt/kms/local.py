@@ -111,6 +111,18 @@ def _read_passphrase(path: Path) -> bytearray:
     return data
 
 
+def _open_sealed(key: Secret, nonce: bytes, ct: bytes, aad: bytes) -> Secret:
+    """AES-256-GCM decrypt straight into a Secret, so no immutable ``bytes``
+    copy of the plaintext key is left for the garbage collector."""
+    out = Secret(len(ct) - 16)
+    try:
+        AESGCM(key.view()).decrypt_into(nonce, ct, aad, out.buffer)
+    except BaseException:
+        out.wipe()
+        raise
+    return out
+
+
 def _scrypt(passphrase: bytearray, salt: bytes) -> Secret:
     kdf = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
     out = bytearray(kdf.derive(passphrase))
@@ -174,12 +186,11 @@ class LocalKMS(KMSBackend):
             finally:
                 pw[:] = bytes(len(pw))
             try:
-                raw = bytearray(AESGCM(kek.view()).decrypt(_unb64(doc["nonce"]), _unb64(doc["ct"]), b"evscrypt/v1 root"))
+                return _open_sealed(kek, _unb64(doc["nonce"]), _unb64(doc["ct"]), b"evscrypt/v1 root")
             except InvalidTag:
                 raise KMSError("wrong passphrase for the sealed root key")
             finally:
                 kek.wipe()
-            return Secret.from_buffer(raw, wipe_source=True)
         raise KMSError(f"root key file uses unknown kdf {kdf!r}")
 
     def seal_root(self, passphrase_file: Path | None) -> None:
@@ -255,11 +266,10 @@ class LocalKMS(KMSBackend):
             raise KeyStateError(f"key {rec['alias'] or rec['key_id']} is Deleted; volumes under it are lost")
         with self._root_key() as root:
             try:
-                raw = bytearray(AESGCM(root.view()).decrypt(
-                    _unb64(m["nonce"]), _unb64(m["ct"]), b"evscrypt/v1 cmk:" + rec["key_id"].encode()))
+                return _open_sealed(root, _unb64(m["nonce"]), _unb64(m["ct"]),
+                                    b"evscrypt/v1 cmk:" + rec["key_id"].encode())
             except InvalidTag:
                 raise KMSError("keystore entry does not decrypt under the root key")
-        return Secret.from_buffer(raw, wipe_source=True)
 
     # -- lookups ---------------------------------------------------------
     @staticmethod
@@ -310,10 +320,9 @@ class LocalKMS(KMSBackend):
         head = bytes(wrapped[:_WRAP_HEAD.size])
         with self._cmk(rec) as cmk:
             try:
-                raw = bytearray(AESGCM(cmk.view()).decrypt(nonce, bytes(wrapped[_WRAP_HEAD.size:]), _context_aad(head, context)))
+                return _open_sealed(cmk, nonce, bytes(wrapped[_WRAP_HEAD.size:]), _context_aad(head, context))
             except InvalidTag:
                 raise InvalidCiphertext("wrapped data key does not decrypt: wrong key or encryption context")
-        return Secret.from_buffer(raw, wipe_source=True)
 
     # -- metadata ------------------------------------------------------------
     def describe(self, key):
