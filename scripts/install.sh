@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfsprogs util-linux kmod)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfsprogs util-linux kmod systemd)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
