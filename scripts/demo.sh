@@ -38,7 +38,7 @@ ls -l "$disk"
 
 step "fio: 4k random write+verify (libaio QD16), then 1M sequential read, on $disk"
 fio --name=randwrite-verify --filename="$disk" --direct=1 --ioengine=libaio --iodepth=16 \
-    --rw=randwrite --bs=4k --size=64M --verify=crc32c --do_verify=1 --output-format=terse \
+    --rw=randwrite --bs=4k --size=64M --verify=crc32c --do_verify=1 --verify_state_save=0 --output-format=terse \
     --terse-version=3 >/dev/null
 fio --name=rand4k --filename="$disk" --direct=1 --ioengine=libaio --iodepth=16 --rw=randrw \
     --bs=4k --size=256M --runtime=5 --time_based --group_reporting --minimal >"$EVSCRYPT_RUNTIME_DIR/r1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from fractions import Fraction
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,10 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
 def parse_size(text: str) -> int:
     """'10G', '512M', '1.5T', '4096' -> bytes (binary units)."""
     m = _SIZE.fullmatch(text or "")
-    if not m:
+    if not m or len(text) > 40:
         raise InvalidArgument(f"invalid size {text!r}: write it like 10G, 512M or 4096")
-    n = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if n != int(n):
+    n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]  # exact: no float rounding
+    if n.denominator != 1:
         raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
     return int(n)
 

@@ -154,6 +154,10 @@ class Header:
             raise FormatError("header origin is malformed")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.encryption_context.items()):
             raise FormatError("encryption context must map strings to strings")
+        if not self.encrypted and (self.wrapped_dk is not None or self.mac is not None or self.key_id is not None):
+            # an unencrypted header has no key to authenticate it; one that
+            # still carries key fields was an encrypted header, tampered with
+            raise FormatError("unencrypted volume header carries key fields (tampered header?)")
         if self.encrypted:
             if not self.kms_backend or not self.key_id or not self.wrapped_dk or not self.mac:
                 raise FormatError("encrypted volume header lacks its key fields")
@@ -176,8 +180,6 @@ class Header:
         self.mac = self.compute_mac(dk)
 
     def verify(self, dk: Secret) -> None:
-        if not self.encrypted:
-            return
         if not self.mac or not hmac.compare_digest(self.compute_mac(dk), self.mac):
             raise IntegrityError(f"header MAC of volume {self.name!r} does not verify: wrong key or tampered header")
 
@@ -244,19 +246,21 @@ def read_slots(fd: int) -> list[bytes]:
 def load(fd: int, path: str = "image") -> Loaded:
     found: list = [None] * COPIES
     errors: list = [None] * COPIES
-    unsupported = None
+    unsupported: list = []  # (seqno, error) of intact copies we cannot read
     for i, raw in enumerate(read_slots(fd)):
         try:
             found[i] = unpack_copy(raw, i)
         except UnsupportedFeature as e:
-            unsupported = e
+            unsupported.append((_PREFIX.unpack_from(raw)[4], e))
             errors[i] = e.message
         except FormatError as e:
             errors[i] = e.message
     good = [(f[1], i) for i, f in enumerate(found) if f]
+    # A newer evscrypt wrote the newest copy: falling back to an older copy
+    # would misread the image and the next store would erase the newer one.
+    if unsupported and (not good or max(unsupported, key=lambda u: u[0])[0] >= max(good)[0]):
+        raise max(unsupported, key=lambda u: u[0])[1]
     if not good:
-        if unsupported:
-            raise unsupported
         raise FormatError(f"{path}: no valid header copy ({errors[0]}; {errors[1]})")
     _, best = max(good)
     header, seqno = found[best]
