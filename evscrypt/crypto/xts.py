@@ -62,6 +62,10 @@ class SectorCipher:
     def __init__(self, key: Secret):
         if len(key) != KEY_SIZE:
             raise ValueError("XTS-AES-256 needs a 64-byte key")
+        half = KEY_SIZE // 2
+        if key.view(0, half) == key.view(half):
+            # IEEE 1619 / FIPS: equal halves make XTS degenerate; refuse early
+            raise ValueError("XTS key halves must differ")
         self._key = key.copy()
         self._aes = algorithms.AES(self._key.view())
 
