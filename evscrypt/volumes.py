@@ -161,9 +161,11 @@ class VolumeStore:
                     if cipher:
                         cipher.close()
             os.fsync(fd)
-            if final.exists():
+            try:
+                os.link(tmp, final)  # unlike rename, refuses to replace a racing create
+            except FileExistsError:
                 raise AlreadyExists(f"volume {name!r} already exists")
-            os.rename(tmp, final)
+            os.unlink(tmp)
             _fsync_dir(self.dir)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -232,13 +234,20 @@ class VolumeStore:
         return d
 
     def delete(self, name: str) -> None:
-        op = self.open(name, write=True)
+        """Delete a detached volume; a damaged header does not prevent it."""
+        path = self.path(name)
         try:
-            lock_exclusive(op.fd, name)
-            os.unlink(op.path)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"volume {name!r} not found")
+        except OSError as e:
+            raise storage_error(e, f"cannot open volume {name!r}")
+        try:
+            lock_exclusive(fd, name)
+            os.unlink(path)
             _fsync_dir(self.dir)
         finally:
-            op.close()
+            os.close(fd)
 
     def dump_key(self, name: str, key_file: Path) -> Path:
         """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""

@@ -269,7 +269,8 @@ def test_usage_errors_exit_2(cli, home):
                  ("volume", "frobnicate")):
         rc, out, err = cli(*args)
         assert rc == EXIT_USAGE, (args, rc, err)
-        assert "Traceback" not in err and "Error:" in err
+        assert "Traceback" not in err and err.startswith("evscrypt: usage error: ")
+        assert len(err.strip().splitlines()) == 1, err  # one line, like every other error
     assert not (home / "volumes" / "v.img").exists()
 
 

@@ -304,3 +304,48 @@ def test_volume_store_unencrypted_stores_plaintext(store):
     raw = store.path("plain").read_bytes()
     assert raw[h.data_offset + 3000:h.data_offset + 8000] == data
     assert len(raw) == h.data_offset + size
+
+
+def _interleave_discard_with_write(im: Image, monkeypatch) -> bytes:
+    """Force a write to land inside a partial-sector discard's
+    read-modify-write window (between its pread and its pwrite), if the
+    engine lets it; return what the written range reads afterwards."""
+    import evscrypt.image.engine as engine_mod
+
+    im.eng.write(0, b"A" * SECTOR_SIZE)
+    read_done, write_done = threading.Event(), threading.Event()
+    real = engine_mod.pread_into
+
+    def pread_then_pause(fd, buf, offset):
+        real(fd, buf, offset)
+        if threading.current_thread().name == "discarder":
+            read_done.set()
+            write_done.wait(5)
+
+    monkeypatch.setattr(engine_mod, "pread_into", pread_then_pause)
+    disc = threading.Thread(target=im.eng.discard, args=(2048, 512), name="discarder")
+    disc.start()
+    assert read_done.wait(5)
+    wr = threading.Thread(target=im.eng.write, args=(0, b"B" * 512))
+    wr.start()
+    wr.join(0.5)  # a correct engine blocks this write on the sector lock
+    write_done.set()
+    disc.join(5)
+    wr.join(5)
+    assert not disc.is_alive() and not wr.is_alive()
+    monkeypatch.setattr(engine_mod, "pread_into", real)
+    got = im.eng.read(0, SECTOR_SIZE)
+    assert got[2048:2560] == bytes(512)  # the discard itself happened
+    return got[:512]
+
+
+def test_write_racing_partial_discard_is_not_lost_encrypted(img, monkeypatch):
+    assert _interleave_discard_with_write(img, monkeypatch) == b"B" * 512
+
+
+def test_write_racing_partial_discard_is_not_lost_unencrypted(tmp_path, monkeypatch):
+    im = Image(str(tmp_path / "plain.img"), encrypted=False)
+    try:
+        assert _interleave_discard_with_write(im, monkeypatch) == b"B" * 512
+    finally:
+        im.close()

@@ -53,13 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("EVSCRYPT_DEBUG"))
     try:
-        cli.main(args=argv, prog_name="evscrypt", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="evscrypt", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        click.echo(f"evscrypt: usage error: {e.format_message()}{hint}", err=True)
+        return EXIT_USAGE
     except click.ClickException as e:
-        e.show()
-        return EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code
+        click.echo(f"evscrypt: error: {e.format_message()}", err=True)
+        return e.exit_code
     except click.Abort:
         click.echo("evscrypt: aborted", err=True)
         return EXIT_INTERRUPTED

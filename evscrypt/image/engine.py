@@ -109,13 +109,14 @@ class Engine:
         self.check_range(offset, length)
         if length == 0:
             return 0
-        if self.cipher is None:
-            pwrite_all(self.fd, data, self.data_offset + offset)
-            return length
         sp = geometry.span(offset, length)
         held = self._locks.acquire(sp.first, sp.count)
         try:
-            if sp.aligned:
+            if self.cipher is None:
+                # plaintext needs no read-modify-write, but the lock still
+                # orders it against a partial discard's read-modify-write
+                pwrite_all(self.fd, data, self.data_offset + offset)
+            elif sp.aligned:
                 self._write_sectors(sp.first, data)
             else:
                 self._rmw(sp, data)
