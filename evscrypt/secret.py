@@ -120,3 +120,14 @@ def set_nondumpable() -> None:
     PR_SET_DUMPABLE = 4
     _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def wipe_bytes(b: bytes) -> None:
+    """Best effort: overwrite the buffer of an immutable ``bytes`` object that
+    a library handed us (botocore's Plaintext).  CPython only; the object must
+    not be used afterwards.  Copies the library made before are out of reach."""
+    if type(b) is bytes and len(b) > 1:
+        import sys
+
+        offset = sys.getsizeof(b"") - 1  # the start of ob_sval in PyBytesObject
+        ctypes.memset(id(b) + offset, 0, len(b))

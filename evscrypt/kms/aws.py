@@ -1,0 +1,179 @@
+"""AWS KMS through boto3 (or any KMS-compatible endpoint).
+
+Credentials, region and endpoint come from boto3's standard chain, including
+``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL``.  The backend needs only
+kms:GenerateDataKey, kms:Decrypt and kms:DescribeKey (plus kms:ListKeys and
+kms:ListAliases for ``key list``).  Key lifecycle stays in AWS's own tools.
+
+Every call has bounded timeouts and a bounded number of attempts, so an
+unreachable endpoint fails in about 20 s by default.  botocore retries
+throttling and transient errors itself ("standard" retry mode).  Every
+botocore exception is converted here into the evscrypt KMS error family.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import (
+    InvalidArgument, InvalidCiphertext, KeyNotFound, KeyStateError, KMSAccessDenied, KMSError, KMSUnavailable,
+)
+from ..secret import Secret, wipe_bytes
+from .base import KeyInfo, KeyState, KMSBackend
+
+CONNECT_TIMEOUT = float(os.environ.get("EVSCRYPT_AWS_CONNECT_TIMEOUT", "3"))
+READ_TIMEOUT = float(os.environ.get("EVSCRYPT_AWS_READ_TIMEOUT", "5"))
+MAX_ATTEMPTS = int(os.environ.get("EVSCRYPT_AWS_MAX_ATTEMPTS", "3"))
+
+_STATES = {s.value: s for s in KeyState}
+_STATE_ERRORS = ("DisabledException", "KMSInvalidStateException", "KeyUnavailableException")
+_DENIED = ("AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
+           "ExpiredTokenException", "IncompleteSignature", "InvalidClientTokenId")
+
+
+def _convert(e: Exception, key: str | None) -> Exception:
+    """One botocore exception -> one evscrypt error with a one-line message."""
+    from botocore import exceptions as bx
+
+    what = f"key {key}" if key else "AWS KMS"
+    if isinstance(e, bx.ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        msg = (e.response.get("Error", {}).get("Message") or code).splitlines()[0]
+        if code == "NotFoundException":
+            return KeyNotFound(f"{what} not found in AWS KMS")
+        if code in _STATE_ERRORS:
+            return KeyStateError(f"{what} cannot be used: {msg}")
+        if code in _DENIED:
+            return KMSAccessDenied(f"access to {what} denied by AWS KMS: {msg}")
+        if code == "InvalidCiphertextException":
+            return InvalidCiphertext(f"the wrapped data key does not decrypt under {what} with this encryption context")
+        if code in ("ThrottlingException", "KMSInternalException", "DependencyTimeoutException"):
+            return KMSUnavailable(f"AWS KMS is unavailable ({code}) after {MAX_ATTEMPTS} attempts")
+        return KMSError(f"AWS KMS refused ({code}): {msg}")
+    if isinstance(e, bx.NoCredentialsError):
+        return KMSAccessDenied("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                               "AWS_PROFILE or an instance role")
+    if isinstance(e, bx.NoRegionError):
+        return KMSError("no AWS region configured: set AWS_REGION or AWS_DEFAULT_REGION")
+    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
+                      bx.ConnectionClosedError)):
+        return KMSUnavailable(f"AWS KMS endpoint unreachable: {type(e).__name__}")
+    if isinstance(e, bx.BotoCoreError):
+        return KMSError(f"AWS KMS call failed: {type(e).__name__}")
+    return e
+
+
+class AwsKMS(KMSBackend):
+    name = "aws"
+
+    def __init__(self, client=None):
+        self._client = client
+
+    def __repr__(self) -> str:
+        return "<AwsKMS>"
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            try:
+                self._client = boto3.client("kms", config=Config(
+                    connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"}))
+            except Exception as e:
+                raise _convert(e, None)
+        return self._client
+
+    def _call(self, key: str | None, op: str, **kw):
+        try:
+            return getattr(self.client, op)(**kw)
+        except Exception as e:
+            converted = _convert(e, key)
+            if converted is e:
+                raise
+            raise converted from None
+
+    def default_key(self) -> str:
+        raise InvalidArgument("--kms aws needs --key KEY (a key id, ARN or alias/NAME)")
+
+    # -- metadata --------------------------------------------------------------
+    def _aliases(self, key_id: str) -> list[str]:
+        try:
+            r = self._call(key_id, "list_aliases", KeyId=key_id)
+        except KMSAccessDenied:
+            return []  # aliases are cosmetic; least privilege may deny them
+        return [a["AliasName"] for a in r.get("Aliases", [])]
+
+    def _info(self, meta: dict, alias: str | None = None) -> KeyInfo:
+        state = meta.get("KeyState", "")
+        if state not in _STATES:
+            state_enum = KeyState.DISABLED  # PendingImport, Unavailable, ...: not usable
+        else:
+            state_enum = _STATES[state]
+        if alias is None:
+            names = self._aliases(meta["KeyId"])
+            alias = names[0] if names else None
+        dd = meta.get("DeletionDate")
+        return KeyInfo(key_id=meta["KeyId"], arn=meta.get("Arn", meta["KeyId"]), alias=alias, state=state_enum,
+                       description=meta.get("Description", ""),
+                       created=meta["CreationDate"].isoformat() if meta.get("CreationDate") else None,
+                       deletion_date=dd.isoformat() if dd else None, backend="aws")
+
+    def describe(self, key: str) -> KeyInfo:
+        meta = self._call(key, "describe_key", KeyId=key)["KeyMetadata"]
+        return self._info(meta, key if key.startswith("alias/") else None)
+
+    def list_keys(self) -> list[KeyInfo]:
+        aliases: dict[str, str] = {}
+        for page in self._paginate("list_aliases"):
+            for a in page.get("Aliases", []):
+                if a.get("TargetKeyId"):
+                    aliases.setdefault(a["TargetKeyId"], a["AliasName"])
+        out = []
+        for page in self._paginate("list_keys"):
+            for k in page.get("Keys", []):
+                meta = self._call(k["KeyId"], "describe_key", KeyId=k["KeyId"])["KeyMetadata"]
+                out.append(self._info(meta, aliases.get(k["KeyId"], "")))
+        for i in out:
+            i.alias = i.alias or None
+        return out
+
+    def _paginate(self, op: str):
+        try:
+            yield from self.client.get_paginator(op).paginate()
+        except Exception as e:
+            converted = _convert(e, None)
+            if converted is e:
+                raise
+            raise converted from None
+
+    def _require_enabled(self, key: str) -> KeyInfo:
+        """moto lets Decrypt succeed on disabled keys while AWS refuses; check
+        the state ourselves so both behave the same and the error names it."""
+        info = self.describe(key)
+        info.require_usable()
+        return info
+
+    # -- data keys ---------------------------------------------------------------
+    def generate_data_key(self, key, context, nbytes=64):
+        self._require_enabled(key)
+        r = self._call(key, "generate_data_key", KeyId=key, NumberOfBytes=nbytes, EncryptionContext=context)
+        plain = r.pop("Plaintext")
+        try:
+            dk = Secret.from_buffer(plain)
+        finally:
+            wipe_bytes(plain)
+        return dk, r["CiphertextBlob"], r["KeyId"]
+
+    def decrypt(self, wrapped, context, key=None):
+        if key is None:
+            raise InvalidArgument("the aws backend needs the key id to decrypt")
+        self._require_enabled(key)
+        r = self._call(key, "decrypt", CiphertextBlob=bytes(wrapped), EncryptionContext=context, KeyId=key)
+        plain = r.pop("Plaintext")
+        try:
+            return Secret.from_buffer(plain)
+        finally:
+            wipe_bytes(plain)
