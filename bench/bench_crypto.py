@@ -121,6 +121,7 @@ def main() -> int:
     rows.append(("openssl speed aes-256-xts decrypt  4096 B", ossl_dec, "dec"))
 
     width = max(len(r[0]) for r in rows)
+    print(f"SectorCipher path: {SectorCipher(Secret.random(64)).path}")
     print(f"XTS-AES-256, 4 KiB sectors, one thread  (python {sys.version.split()[0]})")
     print(f"{'path':<{width}}  {'MB/s':>10}  {'vs openssl':>10}")
     print(f"{'-' * width}  {'-' * 10}  {'-' * 10}")

@@ -11,9 +11,12 @@ cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
 
 from __future__ import annotations
 
+import os
+
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..secret import Secret
+from . import evp
 
 SECTOR_SIZE = 4096
 #: dm-crypt's plain64 IV counts 512-byte units (no iv_large_sectors).
@@ -68,9 +71,22 @@ class SectorCipher:
             raise ValueError("XTS key halves must differ")
         self._key = key.copy()
         self._aes = algorithms.AES(self._key.view())
+        self._fast = None
+        if os.environ.get("EVSCRYPT_XTS", "evp") != "reference" and evp.available():
+            self._fast = evp.EvpXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR)
+
+    @property
+    def path(self) -> str:
+        """Which implementation runs: 'evp' (fast) or 'cryptography'."""
+        return "evp" if self._fast else "cryptography"
 
     def _crypt_into(self, first_sector: int, src, dst, encrypt: bool) -> None:
         n = _check(len(src))
+        if self._aes is None:
+            raise ValueError("cipher is closed")
+        if self._fast is not None:
+            self._fast.crypt_into(first_sector, src, dst, encrypt)
+            return
         src = memoryview(src)
         dst = memoryview(dst)
         aes = self._aes
@@ -100,6 +116,9 @@ class SectorCipher:
         return out
 
     def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+            self._fast = None
         self._aes = None
         self._key.wipe()
 
