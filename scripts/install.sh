@@ -33,3 +33,5 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
+# pyfuse3 3.5.0 lacks the fallocate op (discard); rebuild it with our patch.
+scripts/build-pyfuse3.sh "$VENV"

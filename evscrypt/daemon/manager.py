@@ -97,7 +97,9 @@ class VolumeManager:
         self._name_locks: dict[str, trio.Lock] = {}
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         self.kms_limiter = trio.CapacityLimiter(4)
-        self.invalidate = lambda inode, name: None  # set by the FUSE layer
+        # set by the FUSE layer: forget a directory entry / a file's cached data
+        self.invalidate = lambda inode, name: None
+        self.invalidate_data = lambda inode: None
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -142,7 +144,8 @@ class VolumeManager:
         check_name(name)
         async with self._lock(name):
             a = self.by_name.get(name)
-            if a is None:
+            fresh = a is None
+            if fresh:
                 a = await trio.to_thread.run_sync(self._open_unlocked, name, uid, limiter=self.kms_limiter)
                 a.inode, self._next_inode = self._next_inode, self._next_inode + 1
                 self.by_name[name] = a
@@ -155,8 +158,8 @@ class VolumeManager:
                     a.mount = await trio.to_thread.run_sync(
                         loopmount.setup, self.disk_path(name), Path(mount), mkfs, limiter=self.kms_limiter)
                 except BaseException:
-                    if a.opened == 0 and not a.mount:
-                        await self._remove(a)
+                    if fresh and a.opened == 0:
+                        await self._remove(a)  # leave nothing half-attached
                     raise
             elif mount and a.mount and Path(a.mount.mountpoint) != Path(mount):
                 raise Busy(f"volume {name!r} is already mounted at {a.mount.mountpoint}")
@@ -224,6 +227,7 @@ class VolumeManager:
         self.invalidate(a.inode, a.name)
         while a.inflight:
             await trio.sleep(0.005)
+        await trio.to_thread.run_sync(self.invalidate_data, a.inode)
         try:
             if a.fd >= 0 and not a.failed:
                 await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.io_limiter)

@@ -45,12 +45,23 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         manager.invalidate = self._invalidate
+        manager.invalidate_data = self._invalidate_data
 
     def _invalidate(self, inode: int, name: str) -> None:
         try:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), deleted=inode, ignore_enoent=True)
         except Exception as e:  # the kernel may have forgotten the entry already
             log.debug("invalidate %s: %s", name, e)
+
+    @staticmethod
+    def _invalidate_data(inode: int) -> None:
+        """Drop the kernel's cached pages of a detached volume, so an fd kept
+        open across a forced detach cannot read plaintext from the cache.
+        Blocks on page locks: call it from a worker thread, never the loop."""
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=False)
+        except OSError as e:  # ENOENT: the kernel has no such inode cached
+            log.debug("invalidate inode %d: %s", inode, e)
 
     # -- attributes ------------------------------------------------------------
     def _root_attr(self) -> pyfuse3.EntryAttributes:
