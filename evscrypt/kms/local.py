@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..errors import (
     AlreadyExists, InvalidArgument, InvalidCiphertext, KeyNotFound, KeyProtected,
-    KeyStateError, KMSError, PermissionDenied,
+    KeyStateError, KMSError, KMSUnavailable, PermissionDenied,
 )
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
 from ..secret import Secret
@@ -103,7 +103,8 @@ def _read_passphrase(path: Path) -> bytearray:
     try:
         data = bytearray(path.read_bytes())
     except OSError as e:
-        raise KMSError(f"cannot read passphrase file {path}: {e.strerror}")
+        raise KMSUnavailable(f"the local keystore is sealed and its passphrase file {path} "
+                             f"cannot be read: {e.strerror}")
     while data and data[-1:] in (b"\n", b"\r"):
         data.pop()
     if not data:
@@ -163,6 +164,9 @@ class LocalKMS(KMSBackend):
     def _root_key(self) -> Secret:
         """Load (creating on first use) the root key that encrypts CMKs."""
         if not self.root_path.exists():
+            if self.keys_path.exists():
+                # never mint a new root key under existing CMKs: they would be lost
+                raise KMSError(f"root key {self.root_path} is missing; restore it from backup")
             root = Secret.random(32)
             _atomic_write(self.root_path, json.dumps(
                 {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}).encode())
@@ -178,8 +182,8 @@ class LocalKMS(KMSBackend):
         if kdf == "scrypt":
             src = passphrase_source()
             if src is None:
-                raise KMSError("the root key is sealed: set EVSCRYPT_PASSPHRASE_FILE or the "
-                               f"systemd credential {PASSPHRASE_CREDENTIAL}")
+                raise KMSUnavailable("the local keystore is sealed: set EVSCRYPT_PASSPHRASE_FILE or the "
+                                     f"systemd credential {PASSPHRASE_CREDENTIAL}")
             pw = _read_passphrase(src)
             try:
                 kek = _scrypt(pw, _unb64(doc["salt"]))
