@@ -93,6 +93,9 @@ class VolumeManager:
         self.disks = disks
         self.by_name: dict[str, Attachment] = {}
         self.by_inode: dict[int, Attachment] = {}
+        # force-detached volumes that still have open handles: their inode
+        # answers EIO (not ENOENT) until the last handle is released
+        self.zombies: dict[int, Attachment] = {}
         self._next_inode = 2  # 1 is the FUSE root
         self._name_locks: dict[str, trio.Lock] = {}
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
@@ -158,8 +161,11 @@ class VolumeManager:
                     a.mount = await trio.to_thread.run_sync(
                         loopmount.setup, self.disk_path(name), Path(mount), mkfs, limiter=self.kms_limiter)
                 except BaseException:
-                    if fresh and a.opened == 0:
-                        await self._remove(a)  # leave nothing half-attached
+                    if fresh:
+                        # leave nothing half-attached; the kernel releases the
+                        # loop's handle on the file asynchronously
+                        await self._wait_closed(a, 5.0)
+                        await self._remove(a)
                     raise
             elif mount and a.mount and Path(a.mount.mountpoint) != Path(mount):
                 raise Busy(f"volume {name!r} is already mounted at {a.mount.mountpoint}")
@@ -198,17 +204,22 @@ class VolumeManager:
                 if not force:
                     raise KeyStateError(warning + "; use --force to detach anyway")
                 warnings.append(warning)
+            if not force:
+                # refuse before undoing anything: a refused detach changes nothing
+                own_loop = a.mount.loop if a.mount else None
+                loops = [lp for lp in loopmount.loops_backing(self.disk_path(name)) if lp != own_loop]
+                if loops:
+                    raise Busy(f"volume {name!r} is in use by {', '.join(loops)} (use --force)")
+                others = a.opened - (1 if own_loop else 0)  # the loop device holds one handle
+                if others > 0:
+                    raise Busy(f"volume {name!r} is open ({others} handle(s)); close it or use --force")
             if a.mount:
                 await trio.to_thread.run_sync(loopmount.teardown, a.mount, force)
                 a.mount = None
                 await self._wait_closed(a, 5.0)
-            if not force:
-                loops = loopmount.loops_backing(self.disk_path(name))
-                if loops:
-                    raise Busy(f"volume {name!r} is in use by {', '.join(loops)} (use --force)")
-                if a.opened:
-                    raise Busy(f"volume {name!r} is open ({a.opened} handle(s)); close it or use --force")
-            elif a.opened:
+            if a.opened:
+                if not force:
+                    raise Busy(f"volume {name!r} is still open ({a.opened} handle(s)); use --force")
                 warnings.append(f"{a.opened} open handle(s) on {name} will get EIO")
             await self._remove(a)
             return {"name": name, "detached": True, "warnings": warnings}
@@ -224,6 +235,8 @@ class VolumeManager:
         self.by_name.pop(a.name, None)
         self.by_inode.pop(a.inode, None)
         a.detached = True
+        if a.opened:
+            self.zombies[a.inode] = a
         self.invalidate(a.inode, a.name)
         while a.inflight:
             await trio.sleep(0.005)

@@ -92,7 +92,8 @@ class Operations(pyfuse3.Operations):
     def _by_inode(self, inode: int) -> Attachment:
         v = self.m.by_inode.get(inode)
         if v is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # a force-detached file still open somewhere: I/O error, not "gone"
+            raise pyfuse3.FUSEError(errno.EIO if inode in self.m.zombies else errno.ENOENT)
         return v
 
     async def getattr(self, inode, ctx=None):
@@ -183,6 +184,8 @@ class Operations(pyfuse3.Operations):
         v = self._handles.pop(fh, None)
         if v is not None:
             v.opened -= 1
+            if v.detached and v.opened == 0:
+                self.m.zombies.pop(v.inode, None)
 
     def _live(self, fh: int) -> Attachment:
         v = self._handles.get(fh)

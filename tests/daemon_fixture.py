@@ -1,0 +1,310 @@
+"""A real `evscrypt daemon` in a subprocess, for tests on real FUSE mounts.
+
+:class:`Daemon` runs ``.venv/bin/evscrypt daemon`` in the foreground with a
+private state directory (EVSCRYPT_HOME) and a short private runtime directory
+under /tmp (the control socket path must stay under 108 bytes).  Its log goes
+to a file, never to a pipe that could fill up and stall the daemon.
+
+Teardown is unconditional and ordered so that nothing outlives a test, even
+after a crash or a SIGKILL in the middle of it:
+
+1. SIGKILL the daemon if it is still alive;
+2. ``umount -l`` the test's own mount directories and every filesystem on a
+   loop device whose backing file lies under the FUSE mountpoint;
+3. ``losetup -d`` those loop devices (while the FUSE mount still exists, so
+   their backing path still reads as a path under it);
+4. ``fusermount3 -u -z`` the FUSE mountpoint (``umount -l`` as a fallback).
+
+Import the fixtures into a test module (``from daemon_fixture import daemon,
+make_daemon``) or use the class directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+#: The installed entry point of the project venv (same interpreter as pytest).
+EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
+FUSERMOUNT = shutil.which("fusermount3")
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+#: Environment that must not leak from the caller into the daemon or the CLI.
+_SCRUB = ("EVSCRYPT_PASSPHRASE_FILE", "CREDENTIALS_DIRECTORY", "EVSCRYPT_DEBUG", "NOTIFY_SOCKET",
+          "EVSCRYPT_HOME", "EVSCRYPT_RUNTIME_DIR")
+
+
+def fuse_skip_reason() -> str | None:
+    """Why daemon tests cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if FUSERMOUNT is None:
+        return "fusermount3 is not installed"
+    if os.geteuid() != 0:
+        return "daemon tests need root (allow_other FUSE mounts, loop devices, mount)"
+    if not os.path.exists(EVSCRYPT):
+        return f"{EVSCRYPT} is not installed (run make install)"
+    return None
+
+
+def loop_skip_reason() -> str | None:
+    if not os.path.exists("/dev/loop-control"):
+        return "loop devices are not available (no /dev/loop-control)"
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        return "losetup or mkfs.ext4 is not installed"
+    return None
+
+
+def is_mounted(path: str | Path) -> bool:
+    """True if ``path`` is a mount point (by /proc/self/mounts: works on a dead FUSE mount)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].replace("\\040", " ") == target:
+                return True
+    return False
+
+
+def mounts_of(device: str) -> list[str]:
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 2 and fields[0] == device:
+                out.append(fields[1].replace("\\040", " "))
+    return out
+
+
+def loops_under(path: str | Path) -> list[str]:
+    """Loop devices whose backing file is ``path`` or lies under it."""
+    prefix = str(path).rstrip("/") + "/"
+    found = []
+    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            backing = Path(bf).read_text().strip()
+        except OSError:
+            continue
+        if backing == str(path) or backing.startswith(prefix):
+            found.append("/dev/" + bf.split("/")[3])
+    return sorted(found)
+
+
+def _quiet(*cmd: str) -> None:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(list(cmd), capture_output=True, timeout=30)
+
+
+class Daemon:
+    """One `evscrypt daemon` process and the CLI that talks to it."""
+
+    def __init__(self, home: Path, runtime: Path | None = None, log_dir: Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.runtime = Path(runtime) if runtime else Path(tempfile.mkdtemp(prefix="evs-", dir="/tmp"))
+        self._own_runtime = runtime is None
+        self.mountpoint = self.runtime / "disks"
+        self.log_dir = Path(log_dir) if log_dir else self.runtime
+        self.extra_args = tuple(extra_args)
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        env.update(EVSCRYPT_HOME=str(self.home), EVSCRYPT_RUNTIME_DIR=str(self.runtime))
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.returncode: int | None = None
+        self.mount_dirs: list[Path] = []
+        self.loops: list[str] = []
+        self._starts = 0
+        self.log_path: Path | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    def popen(self) -> subprocess.Popen:
+        """Start a daemon process on this home/runtime without waiting for it."""
+        self._starts += 1
+        self.log_path = self.log_dir / f"daemon-{os.getpid()}-{id(self):x}-{self._starts}.log"
+        log = open(self.log_path, "wb")
+        try:
+            return subprocess.Popen([EVSCRYPT, "daemon", *self.extra_args], env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+
+    def start(self, timeout: float = READY_TIMEOUT) -> "Daemon":
+        assert not self.alive, "daemon already running"
+        self.returncode = None
+        self.proc = self.popen()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.returncode = self.proc.returncode
+                raise AssertionError(f"daemon exited with {self.proc.returncode} before it was ready:\n{self.log}")
+            p = self.cli("status", check=False, timeout=10)
+            if p.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon not ready after {timeout} s; last status: {p.stderr}\n{self.log}")
+            time.sleep(0.1)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        self.returncode = self.proc.wait(timeout)
+        return self.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, wait, and require a clean exit."""
+        assert self.alive, f"daemon is not running (exit {self.proc and self.proc.returncode})"
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"daemon did not stop within {timeout} s after SIGTERM:\n{self.log}")
+        assert rc == 0, f"daemon exited {rc} after SIGTERM:\n{self.log}"
+        return rc
+
+    def kill(self) -> None:
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.returncode = self.proc.wait(10)
+
+    def restart(self) -> "Daemon":
+        self.stop()
+        return self.start()
+
+    # -- CLI -------------------------------------------------------------------
+    def cli(self, *args: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run([EVSCRYPT, *map(str, args)], env=self.env, capture_output=True, text=True,
+                           timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and p.returncode != 0:
+            raise AssertionError(f"evscrypt {' '.join(map(str, args))} exited {p.returncode}\n"
+                                 f"stdout: {p.stdout}\nstderr: {p.stderr}\ndaemon log:\n{self.log}")
+        return p
+
+    def attach(self, name: str, *args: str) -> Path:
+        return Path(self.cli("attach", name, *args).stdout.strip().splitlines()[0])
+
+    def status(self) -> dict:
+        import json
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def disk(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def image(self, name: str) -> Path:
+        return self.home / "volumes" / f"{name}.img"
+
+    # -- things a test sets up that teardown must undo -------------------------------
+    def mount_dir(self, base: Path, name: str) -> Path:
+        """A directory for `attach --mount`, unmounted lazily at teardown."""
+        d = Path(base) / name
+        d.mkdir(parents=True, exist_ok=True)
+        self.mount_dirs.append(d)
+        return d
+
+    def losetup(self, path: Path) -> str:
+        """Set up a loop device on ``path``; freed at teardown if the test does not."""
+        loop = subprocess.run(["losetup", "-f", "--show", str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        self.loops.append(loop)
+        return loop
+
+    def cleanup(self) -> None:
+        """Kill, then unmount and free everything this daemon or its test left."""
+        self.kill()
+        for d in reversed(self.mount_dirs):
+            if is_mounted(d):
+                _quiet("umount", "-l", str(d))
+        stale = loops_under(self.mountpoint)
+        for loop in stale:
+            for mp in mounts_of(loop):
+                _quiet("umount", "-l", mp)
+        for loop in stale:
+            _quiet("losetup", "-d", loop)
+        for loop in self.loops:  # loops the test made: free them if still bound to our files
+            with contextlib.suppress(OSError):
+                backing = Path(f"/sys/block/{Path(loop).name}/loop/backing_file").read_text().strip()
+                if backing.startswith(str(self.runtime)) or backing.startswith(str(self.home)):
+                    _quiet("losetup", "-d", loop)
+        if is_mounted(self.mountpoint):
+            _quiet(FUSERMOUNT or "fusermount3", "-u", "-z", str(self.mountpoint))
+            if is_mounted(self.mountpoint):
+                _quiet("umount", "-l", str(self.mountpoint))
+        if self._own_runtime and not is_mounted(self.mountpoint):
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+
+class DaemonFactory:
+    """Makes daemons for one test and cleans up all of them."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = Path(tmp_path)
+        self.home = self.tmp_path / "home"
+        self.daemons: list[Daemon] = []
+
+    def __call__(self, home: Path | None = None, runtime: Path | None = None, start: bool = True,
+                 extra_args: tuple[str, ...] = ()) -> Daemon:
+        d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args)
+        self.daemons.append(d)
+        if start:
+            d.start()
+        return d
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            d.kill()
+        for d in reversed(self.daemons):
+            d.cleanup()
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """A factory: make_daemon(home=None, runtime=None, start=True) -> Daemon.
+    All daemons share tmp_path/home unless told otherwise."""
+    reason = fuse_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    factory = DaemonFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def daemon(make_daemon) -> Daemon:
+    """A running daemon with a private home and runtime directory."""
+    return make_daemon()
