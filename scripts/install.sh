@@ -28,7 +28,7 @@ if [[ ! -x $VENV/bin/python ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp=$VENV/.evscrypt-installed
-if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || evscrypt/crypto/_xtsloop.c -nt $stamp ]]; then
     echo "install: pip install -e .[test]"
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"

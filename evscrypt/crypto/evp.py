@@ -18,6 +18,11 @@ import ctypes
 import ctypes.util
 import threading
 
+try:  # the C sector loop (setup.py builds it); the ctypes loop otherwise
+    from . import _xtsloop
+except ImportError:  # pragma: no cover - no compiler at install time
+    _xtsloop = None
+
 _lib = None
 
 
@@ -38,13 +43,24 @@ def _load():
         if not lib.EVP_aes_256_xts():
             raise OSError("no XTS in libcrypto")
         _lib = lib
+        global _INIT, _UPDATE
+        _INIT = ctypes.cast(lib.EVP_CipherInit_ex, ctypes.c_void_p).value
+        _UPDATE = ctypes.cast(lib.EVP_CipherUpdate, ctypes.c_void_p).value
     except (OSError, AttributeError):
         _lib = False
     return _lib or None
 
 
+_INIT = _UPDATE = 0  # addresses of EVP_CipherInit_ex / EVP_CipherUpdate
+
+
 def available() -> bool:
     return _load() is not None
+
+
+def loop_impl() -> str:
+    """Which sector loop runs: 'c' (the _xtsloop extension) or 'ctypes'."""
+    return "c" if _xtsloop is not None else "ctypes"
 
 
 def _addr(buf, writable: bool = False) -> tuple[int, object]:
@@ -97,6 +113,9 @@ class EvpXts:
         lib = self._lib
         enc = 1 if encrypt else 0
         ctx = self._ctx(enc)
+        if _xtsloop is not None and first_sector + len(src) // self._sector < 1 << 64:
+            _xtsloop.crypt_sectors(ctx, _INIT, _UPDATE, first_sector, self._ivmul, src, dst, self._sector, enc)
+            return
         n = len(src) // self._sector
         src_addr, keep_s = _addr(src)
         dst_addr, keep_d = _addr(dst, writable=True)

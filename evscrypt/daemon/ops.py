@@ -154,17 +154,9 @@ class Operations(pyfuse3.Operations):
 
     mknod = mkdir = unlink = rmdir = symlink = rename = link = create = _refuse
 
-    async def setxattr(self, inode, name, value, ctx):
-        raise pyfuse3.FUSEError(errno.ENOTSUP)
-
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode, ctx):
-        return []
-
-    async def removexattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+    # No xattr handlers: pyfuse3 answers ENOSYS, and the kernel then stops
+    # asking.  Answering ENODATA instead would make the kernel look up
+    # security.capability before every single write (file_remove_privs).
 
     # -- files -----------------------------------------------------------------
     async def open(self, inode, flags, ctx):
