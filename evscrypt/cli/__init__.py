@@ -17,6 +17,7 @@ from .. import __version__
 from ..errors import EvscryptError
 from ..paths import default_home
 from .common import Env
+from .header_cmds import register as _register_header
 from .key import key
 from .volume import volume
 
@@ -40,6 +41,7 @@ def cli(ctx: click.Context, home, debug):
 
 cli.add_command(volume)
 cli.add_command(key)
+_register_header(volume)
 
 try:  # the daemon commands arrive with the daemon package
     from .daemon_cmds import register as _register_daemon

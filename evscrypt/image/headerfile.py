@@ -1,0 +1,68 @@
+"""Header backup and restore, like `cryptsetup luksHeaderBackup/Restore`.
+
+A header backup file holds the image's whole header area (both copies).  It
+contains the wrapped DK, never a plaintext key, so it is as sensitive as the
+image header itself.  Restoring writes it back with the crash-safe two-copy
+protocol, with a sequence number above any copy already in the image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import AlreadyExists, FormatError, InvalidArgument, StorageError
+from . import header as hdr
+from .backing import pread_into, pwrite_all
+
+
+def backup(image_fd: int, dest: Path) -> hdr.Loaded:
+    """Write the header area to ``dest`` (created 0600, never overwritten)."""
+    loaded = hdr.load(image_fd, "image")
+    area = bytearray(hdr.HEADER_AREA)
+    pread_into(image_fd, area, 0)
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise AlreadyExists(f"{dest} already exists; refusing to overwrite it")
+    except OSError as e:
+        raise StorageError(f"cannot create {dest}: {e.strerror}")
+    try:
+        pwrite_all(fd, area, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return loaded
+
+
+def read_backup(src: Path) -> hdr.Loaded:
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidArgument(f"cannot open header backup {src}: {e.strerror}")
+    try:
+        if os.fstat(fd).st_size < hdr.HEADER_AREA:
+            raise FormatError(f"{src} is too short to be an evscrypt header backup")
+        return hdr.load(fd, str(src))
+    finally:
+        os.close(fd)
+
+
+def restore(image_fd: int, src: Path) -> hdr.Header:
+    """Write the header in ``src`` into the image (both copies).
+
+    Refuses a backup of another volume when the image's own header is still
+    readable; when both image copies are destroyed, there is nothing to
+    compare with, and the backup is trusted (the MAC still guards attach).
+    """
+    saved = read_backup(src)
+    try:
+        current = hdr.load(image_fd, "image")
+    except FormatError:
+        current = None
+    if current is not None and current.header.uuid != saved.header.uuid:
+        raise InvalidArgument(f"{src} is the header of volume {saved.header.uuid}, "
+                              f"not of this volume ({current.header.uuid})")
+    seq = max(saved.seqno, current.seqno if current else 0)
+    base = hdr.Loaded(saved.header, seq, 0, (False, False), (None, None))
+    return hdr.store(image_fd, saved.header, base).header
