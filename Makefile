@@ -22,3 +22,6 @@ install-systemd: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+
+bench: install
+	@scripts/bench.sh

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# make bench: fio side by side on a 256 MiB disk: a plain file, qemu-storage-daemon
+# FUSE exports (raw and LUKS), gocryptfs, and evscrypt (encrypted and --no-encrypt).
+# Installs the peers (as root) and matplotlib into the venv for the PNG (not a
+# project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
+# see bench/bench_fio.py for the other BENCH_* variables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common gocryptfs)
+VENV=.venv
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "bench: apt packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "bench: missing apt packages (run as root to install; those systems will be skipped): ${missing[*]}" >&2
+    fi
+fi
+
+if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+    echo "bench: pip install matplotlib into $VENV (for the PNG only)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib \
+        || echo "bench: could not install matplotlib; the PNG will be skipped" >&2
+fi
+
+exec "$VENV/bin/python" bench/bench_fio.py "$@"
