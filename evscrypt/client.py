@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 from . import protocol
@@ -12,12 +13,28 @@ from .errors import DaemonUnavailable, ProtocolError
 DEFAULT_TIMEOUT = 600.0
 
 
+def _connect(s: socket.socket, sock_path: Path, timeout: float) -> None:
+    """connect(), waiting while the daemon's listen backlog is full: with a
+    timeout set the socket is non-blocking, and a full backlog is EAGAIN."""
+    deadline = time.monotonic() + min(timeout, 30.0)
+    delay = 0.01
+    while True:
+        try:
+            s.connect(str(sock_path))
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise DaemonUnavailable(f"the evscrypt daemon is too busy to accept a connection on {sock_path}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def call(sock_path: Path, op: str, timeout: float = DEFAULT_TIMEOUT, **args):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:
-            s.connect(str(sock_path))
+            _connect(s, sock_path, timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {sock_path})")
         except PermissionError:

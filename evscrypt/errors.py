@@ -150,6 +150,19 @@ class LoopUnavailable(EvscryptError):
     exit_code = 23
 
 
+class BackupCorrupt(EvscryptError):
+    """A backup does not verify: its manifest or a chunk is missing or damaged."""
+
+    exit_code = 24
+
+
+class EncryptionRuleError(EvscryptError):
+    """The encryption rules forbid this (a volume's encryption never changes;
+    an encrypted image cannot be exported or made unencrypted)."""
+
+    exit_code = 25
+
+
 #: Exit codes by class name, for the docs and the control protocol, which
 #: sends the class name so the client can re-raise the same class.
 def error_classes() -> dict[str, type[EvscryptError]]:

@@ -9,6 +9,7 @@ encryption context, so every path that wraps or unwraps a DK agrees on it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 
 from .crypto.xts import SECTOR_SIZE, SectorCipher
 from .errors import AlreadyExists, EvscryptError, FormatError, InvalidArgument, NotFound, StorageError
+from .fsutil import fsync_dir
 from .image import header as hdr
 from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
 from .image.engine import Engine
@@ -34,6 +36,22 @@ CONTEXT_NAME = "evscrypt:volume-name"
 
 def encryption_context(uuid: str, name: str) -> dict[str, str]:
     return {CONTEXT_UUID: uuid, CONTEXT_NAME: name}
+
+
+def check_size(size: int) -> int:
+    if size <= 0 or size % SECTOR_SIZE:
+        raise InvalidArgument("volume size must be a positive multiple of 4096 bytes")
+    if size > MAX_SIZE:
+        raise InvalidArgument("volume size exceeds the 64 TiB limit")
+    return size
+
+
+def check_grow(old: int, new: int) -> int:
+    """A volume only ever grows: shrinking would cut off data a filesystem owns."""
+    check_size(new)
+    if new < old:
+        raise InvalidArgument(f"cannot shrink a volume ({old} to {new} bytes): volumes can only grow")
+    return new
 
 
 @dataclass
@@ -118,55 +136,99 @@ class VolumeStore:
         The image is built under a temporary name and renamed into place only
         when complete, so an interrupted create leaves no half-made volume.
         """
+        check_size(size)
+        vol_uuid = str(uuidlib.uuid4())
+        h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
+                       data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
+
+        def build(fd: int) -> hdr.Header:
+            dk = None
+            try:
+                if encrypted:
+                    backend = self.backend(kms)
+                    h.encryption_context = encryption_context(vol_uuid, name)
+                    dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
+                                                                    h.encryption_context)
+                    h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
+                    h.seal(dk)
+                os.ftruncate(fd, h.data_offset + size)
+                hdr.store(fd, h)
+                if preallocate or fill:
+                    cipher = SectorCipher(dk) if dk else None
+                    try:
+                        eng = Engine(fd, size, h.data_offset, cipher)
+                        if preallocate:
+                            self._preallocate(eng, progress)
+                        if fill:
+                            fill(eng)
+                    finally:
+                        if cipher:
+                            cipher.close()
+            finally:
+                if dk:
+                    dk.wipe()
+            return h
+
+        return self._build(name, vol_uuid, owner, build)
+
+    def create_copy(self, name: str, write_image: Callable[[int], None], *, origin: dict,
+                    size: int | None = None, owner: int | None = None) -> hdr.Header:
+        """Create a volume whose image starts as a byte copy of another one (a
+        snapshot, an image, a backup): same encryption, same DK, same CMK.
+
+        ``write_image(fd)`` writes the source image (header and data area)
+        into the new, empty file.  The header is then bound to the new volume:
+        a new UUID and name, hence a new encryption context, under which the
+        CMK re-wraps the source DK (unwrapped and checked against the source
+        header's MAC first); the MAC is sealed again.  ``size`` may only grow.
+        """
+        vol_uuid = str(uuidlib.uuid4())
+
+        def build(fd: int) -> hdr.Header:
+            write_image(fd)
+            src = hdr.load(fd, f"source image of {name!r}").header
+            new_size = src.size if size is None else size
+            check_grow(src.size, new_size)
+            h = dataclasses.replace(src, uuid=vol_uuid, name=name, size=new_size, created=hdr.now_iso(),
+                                    origin=origin, encryption_context={}, mac=None)
+            if src.encrypted:
+                h.encryption_context = encryption_context(vol_uuid, name)
+                with self.unwrap(src) as dk:
+                    h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
+                        src.key_id, dk, h.encryption_context)
+                    h.seal(dk)
+            os.ftruncate(fd, h.data_offset + new_size)
+            hdr.store(fd, h)  # overwrites both copies of the source header
+            return h
+
+        return self._build(name, vol_uuid, owner, build)
+
+    def _build(self, name: str, vol_uuid: str, owner: int | None, build: Callable[[int], hdr.Header]) -> hdr.Header:
+        """Run ``build(fd)`` on a new temporary image, then link it into place.
+
+        Anything that stops the build (an error, Ctrl-C, SIGTERM turned into
+        KeyboardInterrupt by the CLI) removes the temporary file."""
         check_name(name)
-        if size <= 0 or size % SECTOR_SIZE:
-            raise InvalidArgument("volume size must be a positive multiple of 4096 bytes")
-        if size > MAX_SIZE:
-            raise InvalidArgument("volume size exceeds the 64 TiB limit")
         final = self.path(name)
         if final.exists():
             raise AlreadyExists(f"volume {name!r} already exists")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        vol_uuid = str(uuidlib.uuid4())
-        h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
-                       data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
-        dk = None
-        if encrypted:
-            backend = self.backend(kms)
-            h.encryption_context = encryption_context(vol_uuid, name)
-            dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(), h.encryption_context)
-            h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
-            h.seal(dk)
         tmp = self.dir / f".{name}.img.{vol_uuid[:8]}.tmp"
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            if dk:
-                dk.wipe()
             raise storage_error(e, f"cannot create volume {name!r}")
         try:
             if owner is not None and owner != os.geteuid():
                 os.fchown(fd, owner, -1)
-            os.ftruncate(fd, h.data_offset + size)
-            hdr.store(fd, h)
-            if preallocate or fill:
-                cipher = SectorCipher(dk) if dk else None
-                try:
-                    eng = Engine(fd, size, h.data_offset, cipher)
-                    if preallocate:
-                        self._preallocate(eng, progress)
-                    if fill:
-                        fill(eng)
-                finally:
-                    if cipher:
-                        cipher.close()
+            h = build(fd)
             os.fsync(fd)
             try:
                 os.link(tmp, final)  # unlike rename, refuses to replace a racing create
             except FileExistsError:
                 raise AlreadyExists(f"volume {name!r} already exists")
             os.unlink(tmp)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -175,8 +237,6 @@ class VolumeStore:
             raise
         finally:
             os.close(fd)
-            if dk:
-                dk.wipe()
         return h
 
     @staticmethod
@@ -233,6 +293,42 @@ class VolumeStore:
                 d["key_state"] = f"Unknown ({e.message})"
         return d
 
+    def grow(self, name: str, size: int) -> hdr.Header:
+        """Grow a detached volume: extend the image, then store the header
+        with the new size (its MAC needs the DK, so this goes through the KMS)."""
+        with self.locked(name) as op:
+            h = op.header
+            check_grow(h.size, size)
+            if size == h.size:
+                return h
+            new = dataclasses.replace(h, size=size)
+            if h.encrypted:
+                with self.unwrap(h) as dk:
+                    new.seal(dk)
+            try:
+                # the file first: a crash in between leaves the old size, and
+                # a longer file under it is harmless
+                os.ftruncate(op.fd, h.data_offset + size)
+                hdr.store(op.fd, new, op.loaded)
+            except OSError as e:
+                raise storage_error(e, f"cannot resize volume {name!r}")
+        return new
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[Opened]:
+        """The open image under its exclusive attach lock (Busy while it is
+        attached), for offline copies and header changes."""
+        op = self.open(name, write=True)
+        try:
+            lock_exclusive(op.fd, name)
+            try:  # read again under the lock: a daemon may have changed it just before
+                op.loaded = hdr.load(op.fd, str(op.path))
+            except EvscryptError as e:
+                raise type(e)(f"volume {name!r}: {e.message}")
+            yield op
+        finally:
+            op.close()
+
     def delete(self, name: str) -> None:
         """Delete a detached volume; a damaged header does not prevent it."""
         path = self.path(name)
@@ -245,7 +341,7 @@ class VolumeStore:
         try:
             lock_exclusive(fd, name)
             os.unlink(path)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         finally:
             os.close(fd)
 
@@ -288,11 +384,3 @@ def cryptsetup_command(image: Path, key_file: Path, header: hdr.Header, mapping:
     """The dm-crypt command that opens this image with its dumped DK."""
     return (f"cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size {SECTOR_SIZE} "
             f"--offset {header.data_offset // 512} --key-file {key_file} {image} {mapping or header.name}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,9 +16,12 @@ import click
 from .. import __version__
 from ..errors import EvscryptError
 from ..paths import default_home
+from .backup import backup
 from .common import Env
 from .header_cmds import register as _register_header
+from .image import image
 from .key import key
+from .snapshot import snapshot
 from .volume import volume
 
 #: Exit codes outside the error tree.
@@ -41,6 +44,9 @@ def cli(ctx: click.Context, home, debug):
 
 cli.add_command(volume)
 cli.add_command(key)
+cli.add_command(snapshot)
+cli.add_command(image)
+cli.add_command(backup)
 _register_header(volume)
 
 try:  # the daemon commands arrive with the daemon package

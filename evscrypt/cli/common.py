@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from fractions import Fraction
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import click
 
-from ..errors import InvalidArgument
-from ..paths import default_runtime_dir
+from .. import client
+from ..errors import Busy, DaemonUnavailable, InvalidArgument
+from ..paths import default_runtime_dir, socket_path
 from ..volumes import VolumeStore
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
@@ -78,3 +82,40 @@ def progress_bar(length: int, label: str):
     """A progress bar on a terminal; silent elsewhere."""
     return click.progressbar(length=length, label=label, file=sys.stderr,
                              hidden=not sys.stderr.isatty())
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def long_operation(fn):
+    """For commands that build something big: SIGTERM unwinds like Ctrl-C
+    (KeyboardInterrupt), so the half-built volume, snapshot or backup is
+    removed on the way out instead of being left behind."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return fn(*args, **kwargs)
+        old = signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+    return wrapper
+
+
+#: A quiesced copy of an attached volume can take a while on a filesystem
+#: without reflinks; the daemon stops by itself if the CLI goes away.
+SNAPSHOT_TIMEOUT = 6 * 3600.0
+
+
+def daemon_snapshot(env: Env):
+    """The ``online`` capture for snapshots.capture: the daemon copies an
+    attached volume with its writes quiesced."""
+    def online(name: str, dest: Path, uuid: str) -> None:
+        try:
+            client.call(socket_path(env.runtime), "snapshot", timeout=SNAPSHOT_TIMEOUT, name=name,
+                        dest=str(Path(dest).absolute()), uuid=uuid)
+        except DaemonUnavailable as e:
+            raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
+    return online

@@ -7,10 +7,14 @@ from pathlib import Path
 
 import click
 
-from ..errors import KMSError
+from .. import clone, client
+from ..backup import open_store, parse_source, reader
+from ..errors import Busy, DaemonUnavailable, KMSError, NotFound
 from ..kms import BACKENDS
-from ..volumes import cryptsetup_command
-from .common import Env, emit_json, human_size, parse_size, pass_env, progress_bar, table, warn
+from ..paths import socket_path
+from ..snapshots import images, snapshots
+from ..volumes import check_grow, cryptsetup_command
+from .common import Env, emit_json, human_size, long_operation, parse_size, pass_env, progress_bar, table, warn
 
 
 @click.group()
@@ -20,22 +24,106 @@ def volume():
 
 @volume.command()
 @click.argument("name")
-@click.option("--size", required=True, help="Logical size, e.g. 20G or 512M (a multiple of 4 KiB).")
-@click.option("--encrypt/--no-encrypt", default=True, show_default=True,
-              help="Encrypt the volume.  This can never change afterwards.")
-@click.option("--kms", type=click.Choice(BACKENDS), default="local", show_default=True, help="KMS backend.")
-@click.option("--key", default=None, help="CMK id, ARN or alias (default: evs/default).")
+@click.option("--size", default=None,
+              help="Logical size, e.g. 20G or 512M (a multiple of 4 KiB).  With --from-*: optional, "
+                   "and it may only grow the source's size.")
+@click.option("--encrypt/--no-encrypt", default=None,
+              help="Encrypt the volume (default: yes; with --from-*: as the source).  This can never change "
+                   "afterwards.")
+@click.option("--kms", type=click.Choice(BACKENDS), default=None,
+              help="KMS backend (default: local; with --from-*: the source's).")
+@click.option("--key", default=None, help="CMK id, ARN or alias (default: evs/default; with --from-*: the source's).")
 @click.option("--preallocate", is_flag=True, help="Fill the data area with encrypted zeros now.")
+@click.option("--from-snapshot", metavar="SNAP", default=None,
+              help="Clone snapshot SNAP: encrypted exactly when it is, with its key.")
+@click.option("--from-image", metavar="IMG", default=None,
+              help="Create from image IMG: an encrypted image gives an encrypted volume with its key.")
+@click.option("--from-backup", metavar="SRC", default=None,
+              help="Restore backup SRC (DEST::ID, as 'backup list DEST' prints it); --encrypt/--no-encrypt and "
+                   "--key may choose another encryption.")
 @pass_env
-def create(env: Env, name, size, encrypt, kms, key, preallocate):
-    """Create volume NAME."""
-    nbytes = parse_size(size)
-    if not encrypt and key:
+@long_operation
+def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, from_image, from_backup):
+    """Create volume NAME, empty or from a snapshot, an image or a backup."""
+    if encrypt is False and key:
         raise click.UsageError("--key makes no sense with --no-encrypt")
+    sources = [s for s in (from_snapshot, from_image, from_backup) if s is not None]
+    if len(sources) > 1:
+        raise click.UsageError("--from-snapshot, --from-image and --from-backup are mutually exclusive")
+    if sources:
+        if preallocate:
+            raise click.UsageError("--preallocate cannot be combined with --from-snapshot/--from-image/--from-backup")
+        h, what = _create_from(env, name, parse_size(size) if size else None, clone.Want(encrypt, kms, key),
+                               from_snapshot, from_image, from_backup)
+        click.echo(f"created volume {name} ({human_size(h.size)}, "
+                   f"{'encrypted' if h.encrypted else 'not encrypted'}) from {what}")
+        return
+    if size is None:
+        raise click.UsageError("Missing option '--size'.")
+    nbytes = parse_size(size)
+    encrypt = True if encrypt is None else encrypt
     with progress_bar(nbytes if preallocate else 0, f"preallocating {name}") as bar:
-        env.store.create(name, nbytes, encrypted=encrypt, kms=kms, key=key, preallocate=preallocate,
+        env.store.create(name, nbytes, encrypted=encrypt, kms=kms or "local", key=key, preallocate=preallocate,
                          owner=os.geteuid(), progress=bar.update)
     click.echo(f"created volume {name} ({human_size(nbytes)}, {'encrypted' if encrypt else 'not encrypted'})")
+
+
+def _create_from(env: Env, name: str, size, want, from_snapshot, from_image, from_backup):
+    if from_backup is not None:
+        dest, bid = parse_source(from_backup)
+        store = open_store(dest)
+        m = reader.load_manifest(store, bid)
+        with progress_bar(m.image_size, f"restoring {bid}") as bar:
+            h = clone.from_backup(env.store, store, m, name, want, size=size, owner=os.geteuid(),
+                                  progress=bar.update)
+        return h, f"backup {bid}"
+    copies, source = (snapshots(env.home), from_snapshot) if from_snapshot is not None else \
+        (images(env.home), from_image)
+    try:
+        length = os.stat(copies.image_path(source)).st_size
+    except OSError:
+        length = 0  # clone.from_copy reports the missing source
+    with progress_bar(length, f"copying {copies.kind} {source}") as bar:
+        h = clone.from_copy(env.store, copies, name, source, want, size=size, owner=os.geteuid(),
+                            progress=bar.update)
+    return h, f"{copies.kind} {source}"
+
+
+@volume.command()
+@click.argument("name")
+@click.option("--size", required=True, help="The new size (e.g. 40G), or +SIZE to add that much.  Volumes only grow.")
+@pass_env
+@long_operation
+def resize(env: Env, name, size):
+    """Grow volume NAME, attached or not.
+
+    An attached disk file grows at once; a filesystem mounted with
+    'attach --mount' is grown too (resize2fs, xfs_growfs).  On a loop device
+    of your own, run 'losetup -c LOOP' and then resize2fs."""
+    current = env.store.header(name).size
+    new = current + parse_size(size[1:]) if size.startswith("+") else parse_size(size)
+    check_grow(current, new)
+    for _ in range(3):  # the volume may be attached or detached between the two tries
+        try:
+            h = env.store.grow(name, new)
+            click.echo(f"resized volume {name} to {human_size(h.size)}")
+            return
+        except Busy:
+            pass
+        try:
+            r = client.call(socket_path(env.runtime), "resize", name=name, size=new)
+        except NotFound:
+            continue
+        except DaemonUnavailable as e:
+            raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
+        click.echo(f"resized volume {name} to {human_size(r['size'])} (attached: {r['path']} has grown)")
+        for w in r.get("warnings", []):
+            warn(w)
+        if r.get("mount") and not r.get("warnings"):
+            m = r["mount"]
+            click.echo(f"grew the {m['fstype']} filesystem on {m['loop']} at {m['mountpoint']}", err=True)
+        return
+    raise Busy(f"volume {name!r} is locked, but not by this host's daemon; try again later")
 
 
 @volume.command("list")

@@ -12,6 +12,8 @@ cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -24,6 +26,22 @@ IV_UNIT = 512
 IV_PER_SECTOR = SECTOR_SIZE // IV_UNIT
 KEY_SIZE = 64
 CIPHER_NAME = "aes-xts-plain64"
+
+
+#: Requests of at least this many sectors (256 KiB) are split across cores.
+PARALLEL_MIN_SECTORS = 64
+_CPUS = os.cpu_count() or 1
+_pool_obj = None
+_pool_lock = threading.Lock()  # guards the lazy creation of _pool_obj
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _pool_obj
+    if _pool_obj is None:
+        with _pool_lock:
+            if _pool_obj is None:
+                _pool_obj = ThreadPoolExecutor(max_workers=max(1, _CPUS - 1), thread_name_prefix="xts")
+    return _pool_obj
 
 
 def tweak(sector: int) -> bytes:
@@ -85,7 +103,23 @@ class SectorCipher:
         if self._aes is None:
             raise ValueError("cipher is closed")
         if self._fast is not None:
-            self._fast.crypt_into(first_sector, src, dst, encrypt)
+            parts = min(_CPUS, n // PARALLEL_MIN_SECTORS)
+            if parts < 2:
+                self._fast.crypt_into(first_sector, src, dst, encrypt)
+                return
+            # a large request: the C loop releases the GIL, so the other
+            # cores encrypt their share at the same time
+            src, dst = memoryview(src), memoryview(dst)
+            step = -(-n // parts)
+            futures = []
+            for lo in range(step, n, step):
+                hi = min(n, lo + step)
+                futures.append(_pool().submit(self._fast.crypt_into, first_sector + lo,
+                                              src[lo * SECTOR_SIZE:hi * SECTOR_SIZE],
+                                              dst[lo * SECTOR_SIZE:hi * SECTOR_SIZE], encrypt))
+            self._fast.crypt_into(first_sector, src[:step * SECTOR_SIZE], dst[:step * SECTOR_SIZE], encrypt)
+            for f in futures:
+                f.result()
             return
         src = memoryview(src)
         dst = memoryview(dst)

@@ -53,7 +53,10 @@ class ControlServer:
         if self.group:
             os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
             os.chmod(self.path, 0o660)
-        sock.listen(128)
+        # A burst of clients must queue, not fail: a client with a timeout
+        # connects non-blocking, and a full backlog gives it EAGAIN at once.
+        # The kernel caps this at net.core.somaxconn.
+        sock.listen(socket.SOMAXCONN)
         listener = trio.SocketListener(sock)
         task_status.started()
         try:
@@ -93,9 +96,26 @@ class ControlServer:
                 log.exception("control request failed")
                 resp = protocol.error(EvscryptError(f"internal daemon error: {type(e).__name__}"))
             try:
-                await stream.send_all(protocol.encode(resp))
+                await stream.send_all(self._encode(resp))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client went away
+
+    @staticmethod
+    def _encode(resp: dict) -> bytes:
+        """The response line.  Never raises: an exception escaping a handler
+        would end serve_listeners' nursery and with it the whole daemon."""
+        try:
+            return protocol.encode(resp)
+        except ProtocolError:  # too large: an error message may echo a huge argument back
+            err = resp.get("error")
+            if err:
+                resp = dict(resp, error=dict(err, message=err["message"][:1024] + " [...]"))
+            else:
+                resp = protocol.error(ProtocolError(f"response larger than {protocol.MAX_MESSAGE} bytes"))
+        except (TypeError, ValueError):  # a result that is not JSON: a bug
+            log.exception("cannot encode a control response")
+            resp = protocol.error(EvscryptError("internal daemon error: response is not JSON"))
+        return protocol.encode(resp)
 
     async def dispatch(self, op: str, args: dict, uid: int):
         def arg(name, typ, default=None, required=False):
@@ -115,4 +135,12 @@ class ControlServer:
                                        mount=arg("mount", str), mkfs=arg("mkfs", str))
         if op == "detach":
             return await self.m.detach(arg("name", str, required=True), uid, force=bool(arg("force", bool, False)))
+        if op == "snapshot":
+            return await self.m.snapshot(arg("name", str, required=True), arg("dest", str, required=True), uid,
+                                         uuid=arg("uuid", str))
+        if op == "resize":
+            size = arg("size", int, required=True)
+            if isinstance(size, bool):
+                raise ProtocolError("resize: argument 'size' has the wrong type")
+            return await self.m.resize(arg("name", str, required=True), size, uid)
         raise ProtocolError(f"operation {op!r} is not available")

@@ -138,3 +138,15 @@ def cleanup_stale(disks: Path) -> list[str]:
         detach_loop(loop)
         cleaned.append(f"freed {loop}")
     return cleaned
+
+
+def grow(info: MountInfo) -> None:
+    """After the disk file grew: make the loop device see the new size, then
+    grow the filesystem on it, online (resize2fs, xfs_growfs)."""
+    _run(["losetup", "--set-capacity", info.loop], "losetup --set-capacity")
+    if info.fstype in ("ext2", "ext3", "ext4"):
+        _run(["resize2fs", info.loop], "resize2fs")
+    elif info.fstype == "xfs":
+        _run(["xfs_growfs", info.mountpoint], "xfs_growfs")
+    else:
+        log.warning("%s: cannot grow a %s filesystem; the device has grown", info.loop, info.fstype)

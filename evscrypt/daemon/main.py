@@ -67,7 +67,7 @@ def setup_logging(debug: bool) -> None:
 
 async def _serve(manager: VolumeManager, control: ControlServer) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pyfuse3.main)
+        nursery.start_soon(lambda: pyfuse3.main(min_tasks=1, max_tasks=int(os.environ.get("EVSCRYPT_FUSE_TASKS", "99"))))
         await nursery.start(control.serve)
         sd_notify("READY=1")
         log.info("ready: disks at %s, control socket %s", manager.disks, control.path)

@@ -7,13 +7,19 @@ copy); the copy the KMS returned is wiped as soon as the cipher is built.
 Detach flushes, removes the file from the mount, waits for in-flight I/O to
 drain and wipes the key.
 
-Locks: ``_name_locks[name]`` (trio) serialises attach and detach of one
-volume, so a detach never races the attach of the same name.  Everything else
-in here runs on the trio thread and needs no lock.
+A snapshot of an attached volume is taken here, crash-consistent: the
+volume's write gate holds new writes and drains the running ones while the
+image is copied.  A resize grows the image and its header in place; the
+header MAC is resealed with the MAC key derived at attach, not the DK.
+
+Locks: ``_name_locks[name]`` (trio) serialises attach, detach, snapshot and
+resize of one volume, so none of them races another on the same name.
+Everything else in here runs on the trio thread and needs no lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -23,14 +29,17 @@ from pathlib import Path
 import trio
 
 from ..crypto.xts import SectorCipher
-from ..errors import Busy, EvscryptError, KeyStateError, NotFound, PermissionDenied
+from ..errors import Busy, EvscryptError, KeyStateError, NotFound, PermissionDenied, StorageError
 from ..image import header as hdr
-from ..image.backing import lock_exclusive
+from ..image.backing import lock_exclusive, storage_error
+from ..image.copy import sparse_copy
 from ..image.engine import Engine
 from ..kms.base import KeyState
 from ..names import check_name
-from ..volumes import VolumeStore
+from ..secret import Secret
+from ..volumes import VolumeStore, check_grow
 from . import loopmount
+from .gate import WriteGate
 
 log = logging.getLogger("evscrypt.manager")
 
@@ -40,6 +49,8 @@ IO_THREADS = 8
 #: Requests at least this large leave the trio thread; smaller ones are
 #: cheaper inline than the thread hop.
 THREAD_MIN = 64 * 1024
+#: How long `status` waits for key states before answering with the last known.
+STATUS_KMS_DEADLINE = 3.0
 
 
 @dataclass
@@ -63,6 +74,9 @@ class Attachment:
     cipher: SectorCipher | None
     owner: int
     inode: int
+    loaded: hdr.Loaded | None = None  # the header as stored: the next store's sequence number
+    mac_key: Secret | None = None  # reseals the header on resize; wiped with the DK
+    gate: WriteGate = field(default_factory=WriteGate)
     attached_at: float = field(default_factory=time.time)
     opened: int = 0  # open FUSE file handles
     inflight: int = 0  # I/O requests running now
@@ -82,6 +96,9 @@ class Attachment:
             self.cipher.close()
             self.cipher = None
             self.engine.cipher = None
+        if self.mac_key is not None:
+            self.mac_key.wipe()
+            self.mac_key = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -100,9 +117,11 @@ class VolumeManager:
         self._name_locks: dict[str, trio.Lock] = {}
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         self.kms_limiter = trio.CapacityLimiter(4)
-        # set by the FUSE layer: forget a directory entry / a file's cached data
+        # set by the FUSE layer: forget a directory entry / a file's cached
+        # data / a file's cached attributes (its size, after a resize)
         self.invalidate = lambda inode, name: None
         self.invalidate_data = lambda inode: None
+        self.invalidate_attr = lambda inode: None
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -120,6 +139,7 @@ class VolumeManager:
         """Steps 1-4 of attach; runs in a worker thread (KMS calls block)."""
         op = self.store.open(name, write=True)
         dk = None
+        mac_key = None
         try:
             owner = os.fstat(op.fd).st_uid
             self._check_owner(owner, uid, name)
@@ -127,20 +147,24 @@ class VolumeManager:
             if h.encrypted:
                 dk = self.store.unwrap(h)  # KMS unwrap, then header MAC
             lock_exclusive(op.fd, name)
-            if op.loaded.damaged:
+            loaded = op.loaded
+            if loaded.damaged:
                 log.warning("volume %s: repairing damaged header copy (%s)", name,
-                            "; ".join(e for e in op.loaded.errors if e))
-                hdr.store(op.fd, h, op.loaded)
+                            "; ".join(e for e in loaded.errors if e))
+                loaded = hdr.store(op.fd, h, loaded)
             cipher = SectorCipher(dk) if dk is not None else None
+            mac_key = hdr.Header.mac_key(dk) if dk is not None else None
         except BaseException:
             op.close()
+            if mac_key is not None:
+                mac_key.wipe()
             raise
         finally:
             if dk is not None:
                 dk.wipe()
         return Attachment(name=name, header=h, image=op.path, fd=op.fd,
                           engine=Engine(op.fd, h.size, h.data_offset, cipher), cipher=cipher,
-                          owner=uid if uid != 0 else owner, inode=0,
+                          owner=uid if uid != 0 else owner, inode=0, loaded=loaded, mac_key=mac_key,
                           key_state=KeyState.ENABLED.value if h.encrypted else None)
 
     async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None) -> dict:
@@ -179,10 +203,11 @@ class VolumeManager:
         h = a.header
         try:
             info = await trio.to_thread.run_sync(
-                lambda: self.store.backend(h.kms_backend).describe(h.key_id), limiter=self.kms_limiter)
-        except EvscryptError as e:
+                lambda: self.store.backend(h.kms_backend).check_usable(h.key_id), limiter=self.kms_limiter)
+        except (EvscryptError, OSError) as e:
             a.key_state = "Unknown"
-            return f"cannot check key state ({e.message}); volume {a.name} may not attach again"
+            why = e.message if isinstance(e, EvscryptError) else (e.strerror or str(e))
+            return f"cannot check key state ({why}); volume {a.name} may not attach again"
         a.key_state = info.state.value
         if info.state is KeyState.ENABLED:
             return None
@@ -265,6 +290,108 @@ class VolumeManager:
                     await self._wait_closed(a, 5.0)
                 await self._remove(a)
 
+    # -- snapshot ----------------------------------------------------------------
+    def _snapshot_dest(self, dest: str) -> Path:
+        """The copy goes only into a new file inside the state directory: the
+        daemon runs as root and must not be steered into writing elsewhere."""
+        p = Path(dest)
+        home = Path(os.path.realpath(self.store.home))
+        parent = Path(os.path.realpath(p.parent)) if p.is_absolute() else None
+        if parent is None or not (parent == home or home in parent.parents) or p.name in ("", ".", ".."):
+            raise PermissionDenied(f"snapshot destination {dest!r} is not inside the daemon's state "
+                                   f"directory {home}")
+        return parent / p.name
+
+    def _attached(self, name: str, uid: int, uuid: str | None) -> Attachment:
+        a = self.by_name.get(name)
+        if a is None:
+            raise NotFound(f"volume {name!r} is not attached")
+        self._check_owner(a.owner, uid, name)
+        if uuid is not None and a.header.uuid != uuid:
+            raise Busy(f"the volume {name!r} attached here is not the one asked for (uuid {uuid})")
+        if a.failed:
+            raise StorageError(f"volume {name!r} has failed: {a.failed}")
+        return a
+
+    async def snapshot(self, name: str, dest: str, uid: int, uuid: str | None = None) -> dict:
+        """Copy the image of an attached volume into the new file ``dest``,
+        with its writes quiesced: a crash-consistent point in time."""
+        check_name(name)
+        path = self._snapshot_dest(dest)
+        async with self._lock(name):
+            a = self._attached(name, uid, uuid)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise storage_error(e, f"cannot create {path}")
+            try:
+                if uid != 0:
+                    os.fchown(fd, uid, -1)
+                t0 = time.monotonic()
+                async with a.gate.quiesce():
+                    # the kernel has handed every completed write to us and we
+                    # have written it: fsync makes the copy point durable too
+                    await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.io_limiter)
+                    method = await trio.to_thread.run_sync(self._copy_image, a, fd, limiter=self.io_limiter)
+                held = time.monotonic() - t0
+            except OSError as e:
+                raise storage_error(e, f"cannot snapshot volume {name!r}")
+            finally:
+                os.close(fd)
+        log.info("snapshot of %s into %s (%s, writes held %.3f s)", name, path, method, held)
+        return {"name": name, "dest": str(path), "method": method, "seconds": round(held, 3),
+                "uuid": a.header.uuid}
+
+    @staticmethod
+    def _copy_image(a: Attachment, fd: int) -> str:
+        def check(_n: int) -> None:
+            # the CLI removes its temporary destination when interrupted: stop
+            # copying (and holding writes) for nobody
+            if os.fstat(fd).st_nlink == 0:
+                raise StorageError("snapshot destination removed; copy abandoned")
+
+        method = sparse_copy(a.fd, fd, length=a.header.data_offset + a.header.size, progress=check)
+        os.fsync(fd)
+        return method
+
+    # -- resize ----------------------------------------------------------------
+    async def resize(self, name: str, size: int, uid: int) -> dict:
+        """Grow an attached volume: the image, then its header, then the size
+        the FUSE file shows; then a loop device and filesystem made by
+        attach --mount, if any."""
+        check_name(name)
+        async with self._lock(name):
+            a = self._attached(name, uid, None)
+            check_grow(a.size, size)
+            warnings = []
+            if size != a.size:
+                new = dataclasses.replace(a.header, size=size)
+                await trio.to_thread.run_sync(self._grow, a, new, limiter=self.io_limiter)
+                a.header = new
+                a.engine.size = size
+                await trio.to_thread.run_sync(self.invalidate_attr, a.inode)
+                log.info("resized %s to %d bytes", name, size)
+                if a.mount:
+                    try:
+                        await trio.to_thread.run_sync(loopmount.grow, a.mount, limiter=self.kms_limiter)
+                    except EvscryptError as e:
+                        # the volume has grown; only the filesystem on it has not
+                        log.warning("volume %s: %s", name, e.message)
+                        warnings.append(f"the volume has grown but its filesystem has not: {e.message}")
+            return {**self.describe(a), "warnings": warnings}
+
+    @staticmethod
+    def _grow(a: Attachment, new: hdr.Header) -> None:
+        if new.encrypted:
+            new.seal_with(a.mac_key)
+        try:
+            # the file first: a crash in between leaves the old size, and a
+            # longer file under it is harmless
+            os.ftruncate(a.fd, new.data_offset + new.size)
+            a.loaded = hdr.store(a.fd, new, a.loaded)
+        except OSError as e:
+            raise storage_error(e, f"cannot resize volume {a.name!r}")
+
     # -- status ----------------------------------------------------------------
     def describe(self, a: Attachment) -> dict:
         return {
@@ -285,9 +412,14 @@ class VolumeManager:
         }
 
     async def status(self, refresh_keys: bool = True) -> dict:
-        vols = []
-        for a in list(self.by_name.values()):
-            if refresh_keys and a.header.encrypted:
-                await self._key_warning(a)
-            vols.append(self.describe(a))
-        return {"pid": os.getpid(), "mountpoint": str(self.disks), "volumes": vols}
+        """Attached volumes.  Key states are refreshed in parallel under one
+        short deadline; a KMS that does not answer in time leaves the last
+        known state, so status stays fast when the KMS is down."""
+        atts = list(self.by_name.values())
+        if refresh_keys:
+            with trio.move_on_after(STATUS_KMS_DEADLINE):
+                async with trio.open_nursery() as n:
+                    for a in atts:
+                        if a.header.encrypted:
+                            n.start_soon(self._key_warning, a)
+        return {"pid": os.getpid(), "mountpoint": str(self.disks), "volumes": [self.describe(a) for a in atts]}

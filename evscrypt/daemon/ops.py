@@ -46,12 +46,22 @@ class Operations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         manager.invalidate = self._invalidate
         manager.invalidate_data = self._invalidate_data
+        manager.invalidate_attr = self._invalidate_attr
 
     def _invalidate(self, inode: int, name: str) -> None:
         try:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), deleted=inode, ignore_enoent=True)
         except Exception as e:  # the kernel may have forgotten the entry already
             log.debug("invalidate %s: %s", name, e)
+
+    @staticmethod
+    def _invalidate_attr(inode: int) -> None:
+        """Forget a file's cached attributes, so a resize shows at once.
+        Call it from a worker thread, like _invalidate_data."""
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as e:  # ENOENT: the kernel has no such inode cached
+            log.debug("invalidate attributes of inode %d: %s", inode, e)
 
     @staticmethod
     def _invalidate_data(inode: int) -> None:
@@ -220,7 +230,9 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk never grows
         if off + len(buf) > v.size:
             buf = memoryview(buf)[:v.size - off]
-        n = await self._run(v, len(buf), v.engine.write, off, buf)
+        async with v.gate:  # held while a snapshot takes its copy point
+            v = self._live(fh)
+            n = await self._run(v, len(buf), v.engine.write, off, buf)
         v.counters.writes += 1
         v.counters.bytes_written += n
         return n
@@ -230,7 +242,9 @@ class Operations(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         v = self._live(fh)
-        await self._run(v, THREAD_MIN, v.engine.fsync, bool(datasync))
+        async with v.gate:
+            v = self._live(fh)
+            await self._run(v, THREAD_MIN, v.engine.fsync, bool(datasync))
         v.counters.fsyncs += 1
 
     async def fallocate(self, fh, mode, off, length):
@@ -241,7 +255,9 @@ class Operations(pyfuse3.Operations):
             if off >= v.size:
                 return
             length = min(length, v.size - off)
-            await self._run(v, THREAD_MIN, v.engine.discard, off, length)
+            async with v.gate:
+                v = self._live(fh)
+                await self._run(v, THREAD_MIN, v.engine.discard, off, length)
             v.counters.discards += 1
             return
         if mode & ~FALLOC_FL_KEEP_SIZE:

@@ -1,1 +1,2 @@
-"""The backing image: header format, geometry and the sector engine."""
+"""The backing image: header format, geometry, the sector engine, sparse
+copies and transcoding between encryptions."""

@@ -166,18 +166,24 @@ class Header:
 
     # -- MAC -------------------------------------------------------------
     @staticmethod
-    def _mac_key(dk: Secret) -> bytearray:
-        return bytearray(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(dk.view()))
+    def mac_key(dk: Secret) -> Secret:
+        """The header-MAC key, derived from the DK.  An attached volume keeps
+        it so the daemon can reseal a changed header (resize) without the KMS."""
+        raw = bytearray(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(dk.view()))
+        return Secret.from_buffer(raw, wipe_source=True)
+
+    def mac_with(self, mac_key: Secret) -> str:
+        return hmac.new(mac_key.buffer, self.mac_input(), hashlib.sha256).hexdigest()
 
     def compute_mac(self, dk: Secret) -> str:
-        key = self._mac_key(dk)
-        try:
-            return hmac.new(key, self.mac_input(), hashlib.sha256).hexdigest()
-        finally:
-            key[:] = bytes(len(key))
+        with self.mac_key(dk) as key:
+            return self.mac_with(key)
 
     def seal(self, dk: Secret) -> None:
         self.mac = self.compute_mac(dk)
+
+    def seal_with(self, mac_key: Secret) -> None:
+        self.mac = self.mac_with(mac_key)
 
     def verify(self, dk: Secret) -> None:
         if not self.mac or not hmac.compare_digest(self.compute_mac(dk), self.mac):
@@ -244,10 +250,21 @@ def read_slots(fd: int) -> list[bytes]:
 
 
 def load(fd: int, path: str = "image") -> Loaded:
+    return load_slots(read_slots(fd), path)
+
+
+def load_bytes(raw, path: str = "image") -> Loaded:
+    """The header of an image whose first bytes (at least HEADER_AREA) are ``raw``."""
+    if len(raw) < HEADER_AREA:
+        raise FormatError(f"{path}: too short to hold a header")
+    return load_slots([bytes(raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE]) for i in range(COPIES)], path)
+
+
+def load_slots(slots: list[bytes], path: str = "image") -> Loaded:
     found: list = [None] * COPIES
     errors: list = [None] * COPIES
     unsupported: list = []  # (seqno, error) of intact copies we cannot read
-    for i, raw in enumerate(read_slots(fd)):
+    for i, raw in enumerate(slots):
         try:
             found[i] = unpack_copy(raw, i)
         except UnsupportedFeature as e:

@@ -2,8 +2,9 @@
 
 Credentials, region and endpoint come from boto3's standard chain, including
 ``AWS_ENDPOINT_URL_KMS`` / ``AWS_ENDPOINT_URL``.  The backend needs only
-kms:GenerateDataKey, kms:Decrypt and kms:DescribeKey (plus kms:ListKeys and
-kms:ListAliases for ``key list``).  Key lifecycle stays in AWS's own tools.
+kms:GenerateDataKey, kms:Decrypt, kms:Encrypt (re-wrapping a DK for a volume
+made from a snapshot, image or backup) and kms:DescribeKey (plus kms:ListKeys
+and kms:ListAliases for ``key list``).  Key lifecycle stays in AWS's own tools.
 
 Every call has bounded timeouts and a bounded number of attempts, so an
 unreachable endpoint fails in about 20 s by default.  botocore retries
@@ -45,9 +46,11 @@ def _convert(e: Exception, key: str | None) -> Exception:
             return KeyStateError(f"{what} cannot be used: {msg}")
         if code in _DENIED:
             return KMSAccessDenied(f"access to {what} denied by AWS KMS: {msg}")
-        if code == "InvalidCiphertextException":
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in ("InvalidCiphertextException", "IncorrectKeyException"):
             return InvalidCiphertext(f"the wrapped data key does not decrypt under {what} with this encryption context")
-        if code in ("ThrottlingException", "KMSInternalException", "DependencyTimeoutException"):
+        if status >= 500 or code in ("ThrottlingException", "KMSInternalException", "DependencyTimeoutException",
+                                     "ServiceUnavailableException", "InternalFailure"):
             return KMSUnavailable(f"AWS KMS is unavailable ({code}) after {MAX_ATTEMPTS} attempts")
         return KMSError(f"AWS KMS refused ({code}): {msg}")
     if isinstance(e, bx.NoCredentialsError):
@@ -109,9 +112,8 @@ class AwsKMS(KMSBackend):
     def _info(self, meta: dict, alias: str | None = None) -> KeyInfo:
         state = meta.get("KeyState", "")
         if state not in _STATES:
-            state_enum = KeyState.DISABLED  # PendingImport, Unavailable, ...: not usable
-        else:
-            state_enum = _STATES[state]
+            raise KMSError(f"key {meta['KeyId']} is in a state evscrypt does not know: {state!r}")
+        state_enum = _STATES[state]
         if alias is None:
             names = self._aliases(meta["KeyId"])
             alias = names[0] if names else None
@@ -166,6 +168,15 @@ class AwsKMS(KMSBackend):
         finally:
             wipe_bytes(plain)
         return dk, r["CiphertextBlob"], r["KeyId"]
+
+    def wrap_data_key(self, key, dk, context):
+        self._require_enabled(key)
+        plain = bytes(dk.buffer)  # botocore needs bytes; wiped below (best effort)
+        try:
+            r = self._call(key, "encrypt", KeyId=key, Plaintext=plain, EncryptionContext=context)
+        finally:
+            wipe_bytes(plain)
+        return r["CiphertextBlob"], r["KeyId"]
 
     def decrypt(self, wrapped, context, key=None):
         if key is None:

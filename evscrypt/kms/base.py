@@ -3,7 +3,7 @@
 A backend holds customer master keys (CMKs) and only ever hands out data keys
 (DKs): it generates a DK under a CMK and returns it both in plaintext (a
 :class:`Secret`) and wrapped; later it unwraps the wrapped DK, given the same
-encryption context.  Key states follow the cloud model; the refusals for each
+encryption context, and it re-wraps a DK under a new context.  Key states follow the cloud model; the refusals for each
 state are the backend's job, and each names the key and its state.
 """
 
@@ -22,6 +22,12 @@ class KeyState(str, enum.Enum):
     DISABLED = "Disabled"
     PENDING_DELETION = "PendingDeletion"
     DELETED = "Deleted"
+    # AWS-only states; none of them allows cryptographic use
+    UNAVAILABLE = "Unavailable"
+    PENDING_IMPORT = "PendingImport"
+    CREATING = "Creating"
+    UPDATING = "Updating"
+    PENDING_REPLICA_DELETION = "PendingReplicaDeletion"
 
     def __str__(self) -> str:
         return self.value
@@ -66,12 +72,23 @@ class KMSBackend(abc.ABC):
         """Return (plaintext DK, wrapped DK, canonical key id) under ``key``."""
 
     @abc.abstractmethod
+    def wrap_data_key(self, key: str, dk: Secret, context: dict[str, str]) -> tuple[bytes, str]:
+        """Wrap an existing DK under ``key`` with ``context``; return (wrapped
+        DK, canonical key id).  Refuse unless the key is Enabled.  A volume made
+        from a snapshot, image or backup keeps its DK under a new context."""
+
+    @abc.abstractmethod
     def decrypt(self, wrapped: bytes, context: dict[str, str], key: str) -> Secret:
         """Unwrap ``wrapped`` with ``context``; refuse unless the key is Enabled."""
 
     @abc.abstractmethod
     def describe(self, key: str) -> KeyInfo:
         """Describe a key by id, ARN or alias."""
+
+    def check_usable(self, key: str) -> KeyInfo:
+        """Describe ``key`` and prove the backend could use it now: a state
+        check alone can miss a keystore that is sealed or unreachable."""
+        return self.describe(key)
 
     @abc.abstractmethod
     def list_keys(self) -> list[KeyInfo]:

@@ -153,8 +153,11 @@ class LocalKMS(KMSBackend):
     def _locked(self):
         """Exclusive lock on the keystore: guards keys.json and root.key
         against concurrent read-modify-write by other processes."""
-        self._ensure_dir()
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._ensure_dir()
+            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise KMSUnavailable(f"the local keystore {self.dir} is unusable: {e.strerror or e}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -299,14 +302,22 @@ class LocalKMS(KMSBackend):
         return DEFAULT_ALIAS
 
     def generate_data_key(self, key, context, nbytes=64):
+        dk = Secret.random(nbytes)
+        try:
+            wrapped, key_id = self.wrap_data_key(key, dk, context)
+        except BaseException:
+            dk.wipe()
+            raise
+        return dk, wrapped, key_id
+
+    def wrap_data_key(self, key, dk, context):
         with self._locked():
             rec = self._find(self._load(), key)
         self._info(rec).require_usable()
-        dk = Secret.random(nbytes)
         head = _WRAP_HEAD.pack(WRAP_MAGIC, WRAP_VERSION, uuidlib.UUID(rec["key_id"]).bytes, os.urandom(12))
         with self._cmk(rec) as cmk:
             ct = AESGCM(cmk.view()).encrypt(head[-12:], dk.view(), _context_aad(head, context))
-        return dk, head + ct, rec["key_id"]
+        return head + ct, rec["key_id"]
 
     def decrypt(self, wrapped, context, key=None):
         if len(wrapped) < _WRAP_HEAD.size + 16:
@@ -332,6 +343,12 @@ class LocalKMS(KMSBackend):
     def describe(self, key):
         with self._locked():
             return self._info(self._find(self._load(), key))
+
+    def check_usable(self, key):
+        info = self.describe(key)
+        with self._root_key():  # a sealed keystore without its passphrase cannot unwrap
+            pass
+        return info
 
     def list_keys(self):
         with self._locked():

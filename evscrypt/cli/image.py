@@ -1,0 +1,71 @@
+"""`evscrypt image ...`: images made from volumes, to create volumes from."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..snapshots import images
+from .common import Env, human_size, long_operation, pass_env, progress_bar
+from .snapshot import show_copies, show_one, take_copy
+
+
+@click.group()
+def image():
+    """Images made from volumes, to create volumes from."""
+
+
+@image.command()
+@click.argument("name")
+@click.option("--from-volume", "volume", required=True, metavar="VOL", help="The volume to make the image of.")
+@pass_env
+@long_operation
+def create(env: Env, name, volume):
+    """Make image NAME of volume VOL (it keeps the volume's encryption and key)."""
+    meta = take_copy(env, images(env.home), name, volume)
+    click.echo(f"created image {name} from {volume} ({human_size(meta['size'])}, "
+               f"{'encrypted' if meta['encrypted'] else 'not encrypted'})")
+
+
+@image.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_env
+def list_(env: Env, as_json):
+    """List images."""
+    show_copies(images(env.home).list(), as_json, "image")
+
+
+@image.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_env
+def info(env: Env, name, as_json):
+    """Show image NAME."""
+    show_one(images(env.home).info(name), as_json)
+
+
+@image.command()
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@pass_env
+@long_operation
+def export(env: Env, name, dest):
+    """Write image NAME's disk as a raw file DEST (or DEST/NAME.raw if DEST is a
+    directory).  Encrypted images cannot be exported."""
+    store = images(env.home)
+    meta = store.meta(name)
+    length = meta["size"] if not meta.get("encrypted") else 0
+    with progress_bar(length, f"exporting {name}") as bar:
+        out = store.export(name, dest, progress=bar.update)
+    click.echo(f"exported image {name} to {os.fspath(out)} ({human_size(meta['size'])}, raw)")
+
+
+@image.command()
+@click.argument("name")
+@pass_env
+def delete(env: Env, name):
+    """Delete image NAME (volumes made from it are independent and stay)."""
+    images(env.home).delete(name)
+    click.echo(f"deleted image {name}")

@@ -1,0 +1,272 @@
+"""Snapshots and images: point-in-time copies of a volume in the state directory.
+
+A snapshot lives in ``<home>/snapshots/NAME/`` and an image in
+``<home>/images/NAME/``.  Each directory holds ``image``, a byte copy of the
+volume's backing image (the header with its wrapped DK, then the data area
+as stored: ciphertext, holes kept, a reflink where the filesystem can), and
+``meta.json``.  Being a copy of the header and the ciphertext, it keeps the
+volume's encryption, DK and CMK; nothing is decrypted to make it.
+
+Each is built in a hidden temporary directory that is renamed into place
+when complete, so an interrupted create leaves nothing a listing would show.
+
+Taking the copy (:func:`capture`): a detached volume is copied here under its
+exclusive attach lock, so no attach can race it; an attached volume is copied
+by the daemon, which holds new writes and drains the running ones while it
+copies, so the copy is crash-consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from .errors import AlreadyExists, Busy, EncryptionRuleError, EvscryptError, FormatError, NotFound
+from .fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
+from .image import header as hdr
+from .image.backing import storage_error
+from .image.copy import sparse_copy
+from .names import check_name
+from .volumes import VolumeStore
+
+META_VERSION = 1
+IMAGE_FILE = "image"
+META_FILE = "meta.json"
+
+#: (volume name, destination file, volume uuid): ask the daemon for a
+#: quiesced copy of an attached volume.  The CLI supplies it.
+Online = Callable[[str, Path, str], None]
+Progress = Callable[[int], None]
+
+#: A volume may be detached (or attached) between our lock attempt and the
+#: daemon's answer; try the other way this many times.
+_CAPTURE_ATTEMPTS = 3
+
+
+def capture(store: VolumeStore, name: str, dest: Path, online: Online | None,
+            progress: Progress | None = None) -> hdr.Header:
+    """Copy volume ``name``'s image into the new file ``dest`` at one point in
+    time and return the header that was copied."""
+    for _ in range(_CAPTURE_ATTEMPTS):
+        try:
+            with store.locked(name) as op:
+                try:
+                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except OSError as e:
+                    raise storage_error(e, f"cannot create {dest}")
+                try:
+                    sparse_copy(op.fd, fd, progress=progress)
+                    os.fsync(fd)
+                except OSError as e:
+                    raise storage_error(e, f"cannot copy volume {name!r}")
+                finally:
+                    os.close(fd)
+                return op.header
+        except Busy:
+            if online is None:
+                raise
+        uuid = store.header(name).uuid
+        try:
+            online(name, dest, uuid)
+        except NotFound:
+            # detached since we tried the lock: copy it here next time round
+            if dest.exists():
+                dest.unlink()
+            continue
+        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return hdr.load(fd, str(dest)).header
+        finally:
+            os.close(fd)
+    raise Busy(f"volume {name!r} is locked, but not by this host's daemon; try again later")
+
+
+class CopyStore:
+    """The snapshots (``kind="snapshot"``) or the images (``kind="image"``) of one state directory."""
+
+    def __init__(self, home: Path, kind: str):
+        assert kind in ("snapshot", "image")
+        self.kind = kind
+        self.home = Path(home)
+        self.dir = self.home / f"{kind}s"
+
+    def path(self, name: str) -> Path:
+        return self.dir / check_name(name, self.kind)
+
+    def image_path(self, name: str) -> Path:
+        return self.path(name) / IMAGE_FILE
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / META_FILE).exists()
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir()
+                      if not p.name.startswith(".") and (p / META_FILE).exists())
+
+    def meta(self, name: str) -> dict:
+        p = self.path(name) / META_FILE
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"{self.kind} {name!r} not found")
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{self.kind} {name!r}: {META_FILE} is unreadable ({e})")
+        if not isinstance(d, dict) or d.get("version") != META_VERSION:
+            raise FormatError(f"{self.kind} {name!r}: {META_FILE} has an unknown format")
+        return d
+
+    def info(self, name: str) -> dict:
+        d = self.meta(name)
+        try:
+            st = os.stat(self.image_path(name))
+            d["allocated"] = st.st_blocks * 512
+        except OSError:
+            d["allocated"] = None
+        d["path"] = str(self.path(name))
+        return d
+
+    def list(self, volume: str | None = None) -> list[dict]:
+        out = []
+        for n in self.names():
+            try:
+                d = self.info(n)
+            except EvscryptError as e:  # one damaged entry must not hide the others
+                d = {"name": n, "error": e.message}
+            if volume is None or d.get("volume") == volume:
+                out.append(d)
+        return out
+
+    # -- create / delete -----------------------------------------------------
+    def create(self, name: str, store: VolumeStore, volume: str, online: Online | None,
+               progress: Progress | None = None) -> dict:
+        """Copy volume ``volume`` into a new snapshot or image called ``name``."""
+        final = self.path(name)
+        if final.exists():
+            raise AlreadyExists(f"{self.kind} {name!r} already exists")
+        store.path(volume)  # validates the volume name before any work
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = temp_name(final)
+        tmp.mkdir(mode=0o700)
+        try:
+            t0 = time.monotonic()
+            h = capture(store, volume, tmp / IMAGE_FILE, online, progress)
+            meta = {
+                "version": META_VERSION,
+                "kind": self.kind,
+                "name": name,
+                "volume": volume,
+                "volume_uuid": h.uuid,
+                "created": hdr.now_iso(),
+                "size": h.size,
+                "encrypted": h.encrypted,
+                "kms": h.kms_backend,
+                "key_id": h.key_id,
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+            fsync_dir(tmp)
+            rename_noreplace(tmp, final, f"{self.kind} {name!r}")
+            fsync_dir(self.dir)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise storage_error(e, f"cannot create {self.kind} {name!r}")
+            raise
+        return meta
+
+    def delete(self, name: str) -> None:
+        """Delete in two steps: a rename out of sight (atomic), then the files."""
+        final = self.path(name)
+        if not final.is_dir():
+            raise NotFound(f"{self.kind} {name!r} not found")
+        trash = temp_name(final, "deleting")
+        os.rename(final, trash)
+        fsync_dir(self.dir)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def header(self, name: str) -> hdr.Header:
+        fd = self.open_image(name)
+        try:
+            return hdr.load(fd, f"{self.kind} {name!r}").header
+        finally:
+            os.close(fd)
+
+    def open_image(self, name: str) -> int:
+        try:
+            return os.open(self.image_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"{self.kind} {name!r} not found")
+        except OSError as e:
+            raise storage_error(e, f"cannot open {self.kind} {name!r}")
+
+    def write_image_to(self, name: str, progress: Progress | None = None) -> Callable[[int], None]:
+        """A ``write_image`` for VolumeStore.create_copy: clone this image into the new volume."""
+        def write(fd: int) -> None:
+            src = self.open_image(name)
+            try:
+                sparse_copy(src, fd, progress=progress)
+            finally:
+                os.close(src)
+        return write
+
+
+class ImageStore(CopyStore):
+    def __init__(self, home: Path):
+        super().__init__(home, "image")
+
+    def export(self, name: str, dest: Path, progress: Progress | None = None) -> Path:
+        """Write the image's disk (the plaintext data area, sparse) to ``dest``
+        (a new file, or a directory to put NAME.raw in).  Encrypted images are refused."""
+        meta = self.meta(name)
+        if meta.get("encrypted"):
+            raise EncryptionRuleError(f"image {name!r} is encrypted: encrypted images cannot be exported")
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / f"{name}.raw"
+        if os.path.lexists(dest):
+            raise AlreadyExists(f"{dest} already exists; refusing to overwrite it")
+        h = self.header(name)
+        if h.encrypted:  # meta.json disagrees with the header: trust the header
+            raise EncryptionRuleError(f"image {name!r} is encrypted: encrypted images cannot be exported")
+        tmp = temp_name(dest)
+        src = self.open_image(name)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            os.close(src)
+            raise storage_error(e, f"cannot create {dest}")
+        try:
+            sparse_copy(src, fd, src_offset=h.data_offset, length=h.size, progress=progress)
+            os.fsync(fd)
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise AlreadyExists(f"{dest} already exists; refusing to overwrite it")
+            os.unlink(tmp)
+            fsync_dir(dest.parent)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise storage_error(e, f"cannot export image {name!r} to {dest}")
+            raise
+        finally:
+            os.close(fd)
+            os.close(src)
+        return dest
+
+
+def snapshots(home: Path) -> CopyStore:
+    return CopyStore(home, "snapshot")
+
+
+def images(home: Path) -> ImageStore:
+    return ImageStore(home)

@@ -1,0 +1,126 @@
+"""Helpers for the snapshot, image, backup and resize tests: data patterns,
+writes through a FUSE disk, reads that bypass the page cache (so the bytes
+come from the daemon), the data area of an image, and leftovers of
+interrupted operations."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import random
+import subprocess
+from pathlib import Path
+
+from evscrypt.image import header as hdr
+
+MiB = 1 << 20
+SECTOR = 4096
+
+
+def rand(n: int, seed) -> bytes:
+    return random.Random(repr(seed)).randbytes(n)
+
+
+def pattern(seed, layout: list[tuple[int, int]]) -> dict[int, bytes]:
+    """{offset: data} for (offset, length) pairs, with reproducible random data."""
+    return {off: rand(n, (seed, off)) for off, n in layout}
+
+
+def write_sync(path: Path, writes: dict[int, bytes]) -> None:
+    """Write every piece through ``path`` (a FUSE disk) and fsync."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for off, data in writes.items():
+            mv = memoryview(data)
+            while mv:
+                n = os.pwrite(fd, mv, off)
+                mv, off = mv[n:], off + n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_direct(path: Path, off: int, length: int) -> bytes:
+    """Read with O_DIRECT (sector aligned), so the bytes come from the daemon."""
+    lo = off - off % SECTOR
+    hi = -(-(off + length) // SECTOR) * SECTOR
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, hi - lo)
+        done = 0
+        while done < hi - lo:
+            n = os.preadv(fd, [memoryview(buf)[done:]], lo + done)
+            if n == 0:
+                break
+            done += n
+        return bytes(buf[off - lo:off - lo + length])
+    finally:
+        os.close(fd)
+
+
+def assert_reads(path: Path, writes: dict[int, bytes], zeros: list[tuple[int, int]] = ()) -> None:
+    """Every piece reads back identically through ``path``; ``zeros`` ranges read as zeros."""
+    for off, data in writes.items():
+        got = read_direct(path, off, len(data))
+        assert got == data, f"{path}: bytes at {off}+{len(data)} differ"
+    for off, n in zeros:
+        assert read_direct(path, off, n) == bytes(n), f"{path}: {off}+{n} should read as zeros"
+
+
+def header_of(image: Path) -> hdr.Header:
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        return hdr.load(fd).header
+    finally:
+        os.close(fd)
+
+
+def data_area(image: Path, off: int = 0, length: int | None = None) -> bytes:
+    """Bytes of the stored data area (ciphertext of an encrypted volume)."""
+    h = header_of(image)
+    length = h.size - off if length is None else length
+    with open(image, "rb") as f:
+        f.seek(h.data_offset + off)
+        data = f.read(length)
+    return data + bytes(length - len(data))
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def leftovers(*dirs: Path) -> list[str]:
+    """Hidden temporary entries (what an interrupted build would leave) in ``dirs``."""
+    out = []
+    for d in dirs:
+        if Path(d).is_dir():
+            out += [str(Path(d) / n) for n in os.listdir(d) if n.startswith(".")]
+    return out
+
+
+def state_leftovers(home: Path) -> list[str]:
+    return leftovers(home / "volumes", home / "snapshots", home / "images")
+
+
+def cli_json(d, *args) -> object:
+    return json.loads(d.cli(*args, "--json").stdout)
+
+
+def expect_fail(d, code: int, *args: str, match: str | None = None) -> str:
+    """A CLI command that must fail with exit ``code`` and one error line; returns it."""
+    p = d.cli(*args, check=False)
+    assert p.returncode == code, (f"evscrypt {' '.join(map(str, args))}: expected exit {code}, got {p.returncode}\n"
+                                  f"stdout: {p.stdout}\nstderr: {p.stderr}")
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("evscrypt: error:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    if match:
+        assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def popen_cli(d, *args: str) -> subprocess.Popen:
+    from daemon_fixture import EVSCRYPT
+
+    return subprocess.Popen([EVSCRYPT, *map(str, args)], env=d.env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
