@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import signal
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 
 from .. import client
-from ..errors import Busy, DaemonUnavailable, InvalidArgument
+from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
 from ..paths import default_runtime_dir, socket_path
 from ..volumes import VolumeStore
 
@@ -119,3 +120,24 @@ def daemon_snapshot(env: Env):
         except DaemonUnavailable as e:
             raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
     return online
+
+
+def resolve_owner(user: str | None) -> int:
+    """The uid that will own a new volume or key: ``user`` (root only), else the caller."""
+    if user is None:
+        return os.geteuid()
+    if os.geteuid() != 0:
+        raise PermissionDenied("only root can create things for another user (--owner)")
+    return user_uid(user)
+
+
+def user_uid(user: str) -> int:
+    """A user name or numeric uid -> uid."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        if user.isdigit():
+            return int(user)
+        raise NotFound(f"no such user {user!r}")

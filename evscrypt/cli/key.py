@@ -10,7 +10,7 @@ import click
 from ..errors import InvalidArgument
 from ..kms import BACKENDS
 from ..kms.local import DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MIN_DELETION_DAYS
-from .common import Env, emit_json, pass_env, table
+from .common import Env, emit_json, pass_env, resolve_owner, table, user_uid
 
 kms_option = click.option("--kms", type=click.Choice(BACKENDS), default="local", show_default=True,
                           help="KMS backend.")
@@ -38,11 +38,14 @@ def key():
 @key.command()
 @click.argument("alias")
 @click.option("--description", default="", help="Free text.")
+@click.option("--owner", "owner_name", metavar="USER", default=None,
+              help="Create the key for USER, who may then use it (root only).")
 @kms_option
 @pass_env
-def create(env: Env, alias, description, kms):
+def create(env: Env, alias, description, owner_name, kms):
     """Create a CMK called ALIAS."""
-    info = _lifecycle(env, kms).create_key(alias, description, owner=os.geteuid() or None)
+    owner = resolve_owner(owner_name)
+    info = _lifecycle(env, kms).create_key(alias, description, owner=owner or None)
     click.echo(f"created key {info.alias} ({info.key_id})")
 
 
@@ -136,3 +139,50 @@ def seal_root(env: Env, passphrase_file, unseal):
     _lifecycle(env, "local").seal_root(None if unseal else passphrase_file)
     click.echo("root key unsealed" if unseal else "root key sealed; set EVSCRYPT_PASSPHRASE_FILE "
                "or the systemd credential evscrypt-passphrase to use it")
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@key.command()
+@click.argument("key_ref", metavar="KEY")
+@click.option("--to", "user", required=True, metavar="USER", help="The user who may use the key.")
+@kms_option
+@pass_env
+def grant(env: Env, key_ref, user, kms):
+    """Let USER use KEY for their volumes (the cloud's cross-account grant)."""
+    info = _lifecycle(env, kms).grant(key_ref, user_uid(user))
+    click.echo(f"granted key {info.alias or info.key_id} to {user}")
+
+
+@key.command()
+@click.argument("key_ref", metavar="KEY")
+@click.option("--from", "user", required=True, metavar="USER", help="The user to take the grant from.")
+@kms_option
+@pass_env
+def revoke(env: Env, key_ref, user, kms):
+    """Take back a grant: USER's volumes under KEY no longer attach."""
+    info = _lifecycle(env, kms).revoke(key_ref, user_uid(user))
+    click.echo(f"revoked the grant of key {info.alias or info.key_id} from {user}")
+
+
+@key.command("list-grants")
+@click.argument("key_ref", metavar="KEY")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@kms_option
+@pass_env
+def list_grants(env: Env, key_ref, as_json, kms):
+    """Show who was granted KEY."""
+    uids = _lifecycle(env, kms).list_grants(key_ref)
+    if as_json:
+        emit_json([{"uid": u, "user": _user_name(u)} for u in uids])
+    elif uids:
+        table([[_user_name(u), u] for u in uids], ["USER", "UID"])
+    else:
+        click.echo("no grants")

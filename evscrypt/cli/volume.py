@@ -14,7 +14,9 @@ from ..kms import BACKENDS
 from ..paths import socket_path
 from ..snapshots import images, snapshots
 from ..volumes import check_grow, cryptsetup_command
-from .common import Env, emit_json, human_size, long_operation, parse_size, pass_env, progress_bar, table, warn
+from .common import (
+    Env, emit_json, human_size, long_operation, parse_size, pass_env, progress_bar, resolve_owner, table, warn,
+)
 
 
 @click.group()
@@ -41,10 +43,14 @@ def volume():
 @click.option("--from-backup", metavar="SRC", default=None,
               help="Restore backup SRC (DEST::ID, as 'backup list DEST' prints it); --encrypt/--no-encrypt and "
                    "--key may choose another encryption.")
+@click.option("--owner", "owner_name", metavar="USER", default=None,
+              help="Give the volume to USER, who may then attach and detach it (root only).")
 @pass_env
 @long_operation
-def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, from_image, from_backup):
+def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, from_image, from_backup,
+           owner_name):
     """Create volume NAME, empty or from a snapshot, an image or a backup."""
+    owner = resolve_owner(owner_name)
     if encrypt is False and key:
         raise click.UsageError("--key makes no sense with --no-encrypt")
     sources = [s for s in (from_snapshot, from_image, from_backup) if s is not None]
@@ -54,7 +60,7 @@ def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, 
         if preallocate:
             raise click.UsageError("--preallocate cannot be combined with --from-snapshot/--from-image/--from-backup")
         h, what = _create_from(env, name, parse_size(size) if size else None, clone.Want(encrypt, kms, key),
-                               from_snapshot, from_image, from_backup)
+                               from_snapshot, from_image, from_backup, owner)
         click.echo(f"created volume {name} ({human_size(h.size)}, "
                    f"{'encrypted' if h.encrypted else 'not encrypted'}) from {what}")
         return
@@ -62,19 +68,22 @@ def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, 
         raise click.UsageError("Missing option '--size'.")
     nbytes = parse_size(size)
     encrypt = True if encrypt is None else encrypt
+    if encrypt:
+        backend = env.store.backend(kms or "local")
+        backend.check_access(key or backend.default_key(), owner)  # the owner must be allowed the key
     with progress_bar(nbytes if preallocate else 0, f"preallocating {name}") as bar:
         env.store.create(name, nbytes, encrypted=encrypt, kms=kms or "local", key=key, preallocate=preallocate,
-                         owner=os.geteuid(), progress=bar.update)
+                         owner=owner, progress=bar.update)
     click.echo(f"created volume {name} ({human_size(nbytes)}, {'encrypted' if encrypt else 'not encrypted'})")
 
 
-def _create_from(env: Env, name: str, size, want, from_snapshot, from_image, from_backup):
+def _create_from(env: Env, name: str, size, want, from_snapshot, from_image, from_backup, owner: int):
     if from_backup is not None:
         dest, bid = parse_source(from_backup)
         store = open_store(dest)
         m = reader.load_manifest(store, bid)
         with progress_bar(m.image_size, f"restoring {bid}") as bar:
-            h = clone.from_backup(env.store, store, m, name, want, size=size, owner=os.geteuid(),
+            h = clone.from_backup(env.store, store, m, name, want, size=size, owner=owner,
                                   progress=bar.update)
         return h, f"backup {bid}"
     copies, source = (snapshots(env.home), from_snapshot) if from_snapshot is not None else \
@@ -84,7 +93,7 @@ def _create_from(env: Env, name: str, size, want, from_snapshot, from_image, fro
     except OSError:
         length = 0  # clone.from_copy reports the missing source
     with progress_bar(length, f"copying {copies.kind} {source}") as bar:
-        h = clone.from_copy(env.store, copies, name, source, want, size=size, owner=os.geteuid(),
+        h = clone.from_copy(env.store, copies, name, source, want, size=size, owner=owner,
                             progress=bar.update)
     return h, f"{copies.kind} {source}"
 

@@ -129,7 +129,7 @@ class ControlServer:
         if op == "ping":
             return {"pong": True, "pid": os.getpid()}
         if op == "status":
-            return await self.m.status()
+            return await self.m.status(uid=uid)
         if op == "attach":
             return await self.m.attach(arg("name", str, required=True), uid,
                                        mount=arg("mount", str), mkfs=arg("mkfs", str))

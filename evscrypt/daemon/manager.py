@@ -145,6 +145,8 @@ class VolumeManager:
             self._check_owner(owner, uid, name)
             h = op.header
             if h.encrypted:
+                # a user may use only CMKs they own or were granted
+                self.store.backend(h.kms_backend).check_access(h.key_id, uid)
                 dk = self.store.unwrap(h)  # KMS unwrap, then header MAC
             lock_exclusive(op.fd, name)
             loaded = op.loaded
@@ -169,6 +171,9 @@ class VolumeManager:
 
     async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None) -> dict:
         check_name(name)
+        if mount and uid != 0:
+            # the daemon mounts as root: a user must not pick where
+            raise PermissionDenied("only root can attach with --mount; use the disk file, or ask root")
         async with self._lock(name):
             a = self.by_name.get(name)
             fresh = a is None
@@ -411,11 +416,11 @@ class VolumeManager:
             "io": vars(a.counters).copy(),
         }
 
-    async def status(self, refresh_keys: bool = True) -> dict:
+    async def status(self, refresh_keys: bool = True, uid: int = 0) -> dict:
         """Attached volumes.  Key states are refreshed in parallel under one
         short deadline; a KMS that does not answer in time leaves the last
         known state, so status stays fast when the KMS is down."""
-        atts = list(self.by_name.values())
+        atts = [a for a in self.by_name.values() if uid == 0 or a.owner == uid]  # users see their own
         if refresh_keys:
             with trio.move_on_after(STATUS_KMS_DEADLINE):
                 async with trio.open_nursery() as n:

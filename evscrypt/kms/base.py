@@ -90,6 +90,11 @@ class KMSBackend(abc.ABC):
         check alone can miss a keystore that is sealed or unreachable."""
         return self.describe(key)
 
+    def check_access(self, key: str, uid: int) -> KeyInfo:
+        """Refuse a non-root local user a CMK they may not use.  Backends whose
+        access control lives in the provider (AWS IAM) allow it here."""
+        return self.describe(key)
+
     @abc.abstractmethod
     def list_keys(self) -> list[KeyInfo]:
         """All keys this backend can see."""

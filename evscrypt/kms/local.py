@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from ..errors import (
     AlreadyExists, InvalidArgument, InvalidCiphertext, KeyNotFound, KeyProtected,
-    KeyStateError, KMSError, KMSUnavailable, PermissionDenied,
+    KeyStateError, KMSError, KMSUnavailable, NotFound, PermissionDenied,
 )
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
 from ..secret import Secret
@@ -425,8 +425,32 @@ class LocalKMS(KMSBackend):
             rec["deletion_date"] = None
         return self._change(key, fn)
 
-    def check_owner(self, key: str, uid: int) -> None:
-        """Refuse a non-root caller the use of a key they do not own."""
-        info = self.describe(key)
-        if uid != 0 and info.owner not in (None, uid):
-            raise PermissionDenied(f"key {info.alias or info.key_id} belongs to another user")
+    # -- access for non-root callers (the cloud's cross-account grants) ----------
+    def check_access(self, key: str, uid: int) -> KeyInfo:
+        """Refuse a non-root caller the use of a CMK they neither own nor were
+        granted.  evs/default is the service's default key: everyone may use it."""
+        with self._locked():
+            rec = self._find(self._load(), key)
+        info = self._info(rec)
+        if uid == 0 or rec["alias"] == DEFAULT_ALIAS or rec.get("owner") == uid or uid in rec.get("grants", []):
+            return info
+        raise PermissionDenied(f"key {info.alias or info.key_id} is not yours and was not granted to you")
+
+    def grant(self, key: str, uid: int) -> KeyInfo:
+        def fn(rec):
+            grants = rec.setdefault("grants", [])
+            if uid not in grants:
+                grants.append(uid)
+        return self._change(key, fn)
+
+    def revoke(self, key: str, uid: int) -> KeyInfo:
+        def fn(rec):
+            grants = rec.setdefault("grants", [])
+            if uid not in grants:
+                raise NotFound(f"key {rec['alias'] or rec['key_id']} has no grant for uid {uid}")
+            grants.remove(uid)
+        return self._change(key, fn)
+
+    def list_grants(self, key: str) -> list[int]:
+        with self._locked():
+            return list(self._find(self._load(), key).get("grants", []))

@@ -1,0 +1,149 @@
+"""Access control with a real second user: SO_PEERCRED identifies callers,
+users attach and detach only their own volumes and use only CMKs they own or
+were granted; attached files belong to them alone."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from daemon_fixture import make_daemon  # noqa: F401  (fixture)
+from evscrypt import client
+from evscrypt.errors import EvscryptError
+
+USER = "evsuser" + uuid.uuid4().hex[:6]
+GROUP = "evsgrp" + uuid.uuid4().hex[:6]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                                reason="needs root and useradd to create a second user")
+
+
+@pytest.fixture(scope="module")
+def user():
+    subprocess.run(["groupadd", GROUP], check=True)
+    subprocess.run(["useradd", "-M", "-N", "-g", GROUP, "-s", "/usr/sbin/nologin", USER], check=True)
+    pw = pwd.getpwnam(USER)
+    try:
+        yield pw
+    finally:
+        subprocess.run(["userdel", USER], capture_output=True)
+        subprocess.run(["groupdel", GROUP], capture_output=True)
+
+
+def as_user(pw, fn, groups=None):
+    """Run ``fn()`` in a forked child as ``pw`` (a pwd entry); return
+    {"ok": result}, {"error": class name, "message": ...} or {"errno": n}."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups(groups if groups is not None else [pw.pw_gid])
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            try:
+                out = {"ok": fn()}
+            except EvscryptError as e:
+                out = {"error": type(e).__name__, "message": e.message}
+            except OSError as e:
+                out = {"errno": e.errno}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.fixture
+def setup(make_daemon, user):  # noqa: F811
+    d = make_daemon(start=False, extra_args=("--socket-group", GROUP))
+    os.chmod(d.runtime, 0o755)  # users must reach the socket and the disks
+    d.start()
+    sock = str(d.runtime / "control.sock")
+    d.cli("key", "create", "ukey", "--owner", USER)
+    d.cli("key", "create", "rootkey")
+    d.cli("volume", "create", "uvol", "--size", "8M", "--key", "ukey", "--owner", USER)
+    d.cli("volume", "create", "rootvol", "--size", "8M", "--key", "rootkey")
+    return d, sock
+
+
+def test_socket_is_group_restricted(setup, user):
+    d, sock = setup
+    st = os.stat(sock)
+    assert st.st_mode & 0o777 == 0o660 and st.st_gid == grp.getgrnam(GROUP).gr_gid
+    # in the group: answered; the reply lists only the caller's volumes
+    assert as_user(user, lambda: client.call(sock, "status")["volumes"]) == {"ok": []}
+    # not in the group: the kernel refuses the connection
+    out = as_user(pwd.getpwnam("nobody"), lambda: client.call(sock, "status"))
+    assert out["error"] == "DaemonUnavailable" and "permission denied" in out["message"]
+
+
+def test_user_attaches_own_volume_and_owns_the_file(setup, user):
+    d, sock = setup
+    out = as_user(user, lambda: client.call(sock, "attach", name="uvol")["path"])
+    path = out["ok"]
+    st = os.stat(path)
+    assert (st.st_uid, st.st_mode & 0o777) == (user.pw_uid, 0o600)
+
+    def io():
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"mine" * 1024, 8192)
+            os.fsync(fd)
+            return os.pread(fd, 4096, 8192).decode()
+        finally:
+            os.close(fd)
+
+    assert as_user(user, io) == {"ok": "mine" * 1024}
+    nobody = pwd.getpwnam("nobody")
+    assert as_user(nobody, lambda: os.open(path, os.O_RDONLY)) == {"errno": errno.EACCES}
+    # status shows the user their volume; root sees it too
+    vols = as_user(user, lambda: [v["name"] for v in client.call(sock, "status")["volumes"]])
+    assert vols == {"ok": ["uvol"]}
+    assert as_user(user, lambda: client.call(sock, "detach", name="uvol")["detached"]) == {"ok": True}
+
+
+def test_user_cannot_touch_other_volumes_or_mount(setup, user, tmp_path):
+    d, sock = setup
+    out = as_user(user, lambda: client.call(sock, "attach", name="rootvol"))
+    assert out["error"] == "PermissionDenied" and "another user" in out["message"]
+    d.attach("rootvol")  # root's own attach
+    out = as_user(user, lambda: client.call(sock, "detach", name="rootvol", force=True))
+    assert out["error"] == "PermissionDenied"
+    assert "rootvol" in os.listdir(d.mountpoint)
+    # the daemon mounts as root, so a user may not choose a mount point
+    out = as_user(user, lambda: client.call(sock, "attach", name="uvol", mount=str(tmp_path / "m")))
+    assert out["error"] == "PermissionDenied"
+    assert "uvol" not in os.listdir(d.mountpoint)
+
+
+def test_grants_decide_who_may_use_a_key(setup, user):
+    d, sock = setup
+    # root cannot give the user a volume under a key the user may not use
+    p = d.cli("volume", "create", "gvol", "--size", "8M", "--key", "rootkey", "--owner", USER, check=False)
+    assert p.returncode == 20 and "not yours" in p.stderr
+    d.cli("key", "grant", "rootkey", "--to", USER)
+    assert json.loads(d.cli("key", "list-grants", "rootkey", "--json").stdout) == [
+        {"uid": user.pw_uid, "user": USER}]
+    d.cli("volume", "create", "gvol", "--size", "8M", "--key", "rootkey", "--owner", USER)
+    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    assert "ok" in as_user(user, lambda: client.call(sock, "detach", name="gvol"))
+    # once revoked, the user's volume under that key no longer attaches
+    d.cli("key", "revoke", "rootkey", "--from", USER)
+    out = as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    assert out["error"] == "PermissionDenied" and "rootkey" in out["message"]
+    p = d.cli("key", "revoke", "rootkey", "--from", USER, check=False)
+    assert p.returncode == 4  # no such grant
+    # root still attaches it: root manages everything
+    d.attach("gvol")
