@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test demo bench bench-crypto install-systemd clean
+.PHONY: install test demo bench bench-crypto install-systemd clean soak
 
 install:
 	@scripts/install.sh
@@ -25,3 +25,6 @@ clean:
 
 bench: install
 	@scripts/bench.sh
+
+soak: install
+	$(PY) scripts/soak.py

@@ -32,8 +32,9 @@ from .notify import sd_notify
 from .ops import Operations
 
 log = logging.getLogger("evscrypt.daemon")
-#: 1 MiB requests: fewer round trips for sequential I/O.
-MAX_IO = 1 << 20
+#: pyfuse3 worker tasks (requests in flight).  Tuning knob for benchmarks;
+#: fewer did not help here (docs/PERFORMANCE.md).
+FUSE_MAX_TASKS = int(os.environ.get("EVSCRYPT_FUSE_TASKS", "99"))
 
 
 def _is_mountpoint(path: Path) -> bool:
@@ -67,7 +68,7 @@ def setup_logging(debug: bool) -> None:
 
 async def _serve(manager: VolumeManager, control: ControlServer) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: pyfuse3.main(min_tasks=1, max_tasks=int(os.environ.get("EVSCRYPT_FUSE_TASKS", "99"))))
+        nursery.start_soon(lambda: pyfuse3.main(min_tasks=1, max_tasks=FUSE_MAX_TASKS))
         await nursery.start(control.serve)
         sd_notify("READY=1")
         log.info("ready: disks at %s, control socket %s", manager.disks, control.path)
