@@ -101,6 +101,13 @@ def test_dk_absent_from_daemon_memory_after_detach():
 
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
+        # the daemon's log never carries the key, in any common encoding
+        log = daemon.stderr.read()
+        assert "attached secretvol" in log and "key wiped" in log  # the log is the real one
+        import base64
+        for half in halves:
+            for enc in (half.hex(), half.hex().upper(), base64.b64encode(half).decode(), repr(half)):
+                assert enc not in log
     finally:
         if daemon.poll() is None:
             daemon.kill()
