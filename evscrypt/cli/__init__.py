@@ -6,6 +6,7 @@ one place that turns errors into a one-line message and an exit code.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import traceback
@@ -16,13 +17,7 @@ import click
 from .. import __version__
 from ..errors import EvscryptError
 from ..paths import default_home
-from .backup import backup
 from .common import Env
-from .header_cmds import register as _register_header
-from .image import image
-from .key import key
-from .snapshot import snapshot
-from .volume import volume
 
 #: Exit codes outside the error tree.
 EXIT_USAGE = 2
@@ -30,7 +25,33 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Command name -> "module:attribute".  Groups are imported only when used, so
+#: `evscrypt attach` starts without loading the crypto and storage stack.
+COMMANDS = {
+    "volume": ".volume:volume",
+    "key": ".key:key",
+    "snapshot": ".snapshot:snapshot",
+    "image": ".image:image",
+    "backup": ".backup:backup",
+    "daemon": ".daemon_cmds:daemon",
+    "attach": ".daemon_cmds:attach",
+    "detach": ".daemon_cmds:detach",
+    "status": ".daemon_cmds:status",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx, name):
+        if name in COMMANDS and name not in self.commands:
+            module, attr = COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module, __package__), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="State directory (default: $EVSCRYPT_HOME, /var/lib/evscrypt for root, "
                    "~/.local/share/evscrypt otherwise).")
@@ -42,19 +63,6 @@ def cli(ctx: click.Context, home, debug):
     ctx.obj = Env(home=home or default_home(), debug=debug)
 
 
-cli.add_command(volume)
-cli.add_command(key)
-cli.add_command(snapshot)
-cli.add_command(image)
-cli.add_command(backup)
-_register_header(volume)
-
-try:  # the daemon commands arrive with the daemon package
-    from .daemon_cmds import register as _register_daemon
-
-    _register_daemon(cli)
-except ImportError:  # pragma: no cover
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import click
 from .. import client
 from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
 from ..paths import default_runtime_dir, socket_path
-from ..volumes import VolumeStore
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)
@@ -50,11 +49,13 @@ class Env:
     home: Path
     debug: bool = False
     runtime: Path = field(default_factory=default_runtime_dir)
-    _store: VolumeStore | None = None
+    _store: "VolumeStore | None" = None
 
     @property
-    def store(self) -> VolumeStore:
+    def store(self) -> "VolumeStore":
         if self._store is None:
+            from ..volumes import VolumeStore  # heavy: only commands that need it pay
+
             self._store = VolumeStore(self.home)
         return self._store
 

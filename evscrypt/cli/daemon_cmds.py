@@ -80,7 +80,3 @@ def status(env: Env, as_json):
     else:
         click.echo("no volumes attached")
 
-
-def register(cli: click.Group) -> None:
-    for cmd in (daemon, attach, detach, status):
-        cli.add_command(cmd)

@@ -207,3 +207,8 @@ def dump_key(env: Env, name, key_file):
     image = env.store.dump_key(name, key_file)
     warn(f"{key_file} holds the plaintext data key of {name}: anyone who reads it can read the volume")
     click.echo(cryptsetup_command(image, key_file, h))
+
+
+from .header_cmds import register as _register_header  # noqa: E402  (the header-* subcommands)
+
+_register_header(volume)
