@@ -32,6 +32,7 @@ from ..errors import (
     AlreadyExists, InvalidArgument, InvalidCiphertext, KeyNotFound, KeyProtected,
     KeyStateError, KMSError, KMSUnavailable, NotFound, PermissionDenied,
 )
+from ..fsutil import write_atomic
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
 from ..secret import Secret
 from .base import KeyInfo, KeyState, KMSBackend
@@ -67,24 +68,6 @@ def _parse_iso(s: str) -> datetime:
 
 def _context_aad(head: bytes, context: dict[str, str]) -> bytes:
     return head + json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def passphrase_source() -> Path | None:
@@ -171,7 +154,7 @@ class LocalKMS(KMSBackend):
                 # never mint a new root key under existing CMKs: they would be lost
                 raise KMSError(f"root key {self.root_path} is missing; restore it from backup")
             root = Secret.random(32)
-            _atomic_write(self.root_path, json.dumps(
+            write_atomic(self.root_path, json.dumps(
                 {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}).encode())
             return root
         try:
@@ -218,7 +201,7 @@ class LocalKMS(KMSBackend):
                         ct = AESGCM(kek.view()).encrypt(nonce, root.view(), b"evscrypt/v1 root")
                     doc = {"version": 1, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
                            "salt": _b64(salt), "nonce": _b64(nonce), "ct": _b64(ct)}
-                _atomic_write(self.root_path, json.dumps(doc).encode())
+                write_atomic(self.root_path, json.dumps(doc).encode())
 
     def _read(self) -> dict:
         try:
@@ -232,7 +215,7 @@ class LocalKMS(KMSBackend):
         return doc
 
     def _write(self, doc: dict) -> None:
-        _atomic_write(self.keys_path, json.dumps(doc, indent=1, sort_keys=True).encode())
+        write_atomic(self.keys_path, json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def _load(self) -> dict:
         """Read the keystore, create evs/default on first use and destroy
