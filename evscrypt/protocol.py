@@ -20,7 +20,7 @@ from .errors import EvscryptError, ProtocolError, error_classes
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
-OPS = ("ping", "status", "attach", "detach", "snapshot", "resize", "quiesce", "resume")
+OPS = ("ping", "status", "attach", "detach", "snapshot", "resize")
 
 
 def encode(obj: dict) -> bytes:

@@ -67,6 +67,13 @@ def main() -> int:
         for i in range(CHURN):
             cli("volume", "create", f"c{i}", "--size", "32M", *(["--key", "flip"] if i == 0 else []))
         disks = [cli("attach", f"w{i}").stdout.strip() for i in range(WORKLOADS)]
+        # warm-up: the daemon creates some things once, on first use (worker
+        # threads, a crypto pool and its wakeup pipe); the baseline comes after
+        for args in (["--rw=write", "--bs=1M"], ["--rw=randwrite", "--bs=4k"]):
+            subprocess.run(["fio", "--name=warmup", f"--filename={disks[0]}", "--direct=1", "--ioengine=libaio",
+                            "--size=16M", "--iodepth=4", *args], capture_output=True, check=True)
+        cli("attach", "c1")
+        cli("detach", "c1", "--force")
         time.sleep(1)
         base_rss, base_fds = rss_mib(daemon.pid), fds(daemon.pid)
         print(f"soak: {WORKLOADS} volumes under fio, {CHURN} churning, key flips; {SECONDS:.0f} s; "

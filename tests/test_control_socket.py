@@ -118,7 +118,7 @@ BAD_REQUESTS = [
     ("unknown-op", req("format-all-disks"), "ProtocolError", ("unknown operation", "format-all-disks")),
     ("op-missing", b'{"v": 1}\n', "ProtocolError", ("unknown operation",)),
     ("op-not-string", b'{"v": 1, "op": ["status"]}\n', "ProtocolError", ("unknown operation",)),
-    ("op-unimplemented", req("quiesce", {"name": "x"}), "ProtocolError", ("not available",)),
+    ("op-internal", req("quiesce", {"name": "x"}), "ProtocolError", ("unknown operation",)),
     ("args-array", req("status", ["x"]), "ProtocolError", ("'args' must be an object",)),
     ("args-string", req("attach", "x"), "ProtocolError", ("'args' must be an object",)),
     ("attach-no-args", req("attach"), "ProtocolError", ("missing argument 'name'",)),
