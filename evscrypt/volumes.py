@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .crypto.xts import SECTOR_SIZE, SectorCipher
-from .errors import AlreadyExists, EvscryptError, FormatError, InvalidArgument, NotFound, StorageError
+from .errors import AlreadyExists, EvscryptError, InvalidArgument, NotFound, StorageError
 from .fsutil import fsync_dir
 from .image import header as hdr
 from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error

@@ -12,6 +12,7 @@ import random
 import subprocess
 from pathlib import Path
 
+from daemon_fixture import read_direct  # noqa: F401  (re-exported for the copy tests)
 from evscrypt.image import header as hdr
 
 MiB = 1 << 20
@@ -40,23 +41,6 @@ def write_sync(path: Path, writes: dict[int, bytes]) -> None:
     finally:
         os.close(fd)
 
-
-def read_direct(path: Path, off: int, length: int) -> bytes:
-    """Read with O_DIRECT (sector aligned), so the bytes come from the daemon."""
-    lo = off - off % SECTOR
-    hi = -(-(off + length) // SECTOR) * SECTOR
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, hi - lo)
-        done = 0
-        while done < hi - lo:
-            n = os.preadv(fd, [memoryview(buf)[done:]], lo + done)
-            if n == 0:
-                break
-            done += n
-        return bytes(buf[off - lo:off - lo + length])
-    finally:
-        os.close(fd)
 
 
 def assert_reads(path: Path, writes: dict[int, bytes], zeros: list[tuple[int, int]] = ()) -> None:

@@ -308,3 +308,79 @@ def make_daemon(tmp_path):
 def daemon(make_daemon) -> Daemon:
     """A running daemon with a private home and runtime directory."""
     return make_daemon()
+
+
+# -- I/O and identity helpers shared by the daemon tests ------------------------------
+SECTOR = 4096
+
+
+def pwrite_all(fd: int, data, off: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, off)
+        assert n > 0
+        mv, off = mv[n:], off + n
+
+
+def read_direct(path, off: int, length: int) -> bytes:
+    """Read with O_DIRECT (widened to whole sectors), so the bytes come from
+    the daemon, not the page cache."""
+    import mmap
+
+    lo = off - off % SECTOR
+    hi = -(-(off + length) // SECTOR) * SECTOR
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, hi - lo)
+        done = 0
+        while done < hi - lo:
+            n = os.preadv(fd, [memoryview(buf)[done:]], lo + done)
+            if n == 0:
+                break
+            done += n
+        return bytes(buf[off - lo:off - lo + length])
+    finally:
+        os.close(fd)
+
+
+def run_as(uid: int | None, gid: int | None, fn):
+    """Run ``fn()`` in a forked child, as ``uid``/``gid`` unless None; return its
+    outcome as {"ok": result}, {"error": class name, "message": ...},
+    {"errno": n} or {"signal": n}.
+
+    Forked rather than exec'd: the venv's interpreter lives under /root, which
+    other users cannot execute.  A child killed by a signal (SIGBUS from a
+    mapping) does not take the test process down.
+    """
+    import json
+
+    from evscrypt.errors import EvscryptError
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            import faulthandler
+
+            faulthandler.disable()  # an expected SIGBUS needs no stack dump
+            os.close(r)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            try:
+                out = {"ok": fn()}
+            except EvscryptError as e:
+                out = {"error": type(e).__name__, "message": e.message}
+            except OSError as e:
+                out = {"errno": e.errno}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return {"signal": os.WTERMSIG(status)}
+    return json.loads(data)

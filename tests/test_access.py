@@ -15,9 +15,13 @@ import uuid
 
 import pytest
 
-from daemon_fixture import make_daemon  # noqa: F401  (fixture)
+from daemon_fixture import make_daemon, run_as  # noqa: F401  (fixture)
 from evscrypt import client
-from evscrypt.errors import EvscryptError
+
+
+def as_user(pw, fn):
+    """Run ``fn()`` in a forked child as the user of pwd entry ``pw``."""
+    return run_as(pw.pw_uid, pw.pw_gid, fn)
 
 USER = "evsuser" + uuid.uuid4().hex[:6]
 GROUP = "evsgrp" + uuid.uuid4().hex[:6]
@@ -37,32 +41,6 @@ def user():
         subprocess.run(["userdel", USER], capture_output=True)
         subprocess.run(["groupdel", GROUP], capture_output=True)
 
-
-def as_user(pw, fn, groups=None):
-    """Run ``fn()`` in a forked child as ``pw`` (a pwd entry); return
-    {"ok": result}, {"error": class name, "message": ...} or {"errno": n}."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            os.setgroups(groups if groups is not None else [pw.pw_gid])
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            try:
-                out = {"ok": fn()}
-            except EvscryptError as e:
-                out = {"error": type(e).__name__, "message": e.message}
-            except OSError as e:
-                out = {"errno": e.errno}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of,
+    Daemon, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, pwrite_all, read_direct,
+    run_as,
 )
 from evscrypt import client
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
@@ -54,13 +55,6 @@ def rand(n: int, seed) -> bytes:
     return random.Random(repr(seed)).randbytes(n)
 
 
-def pwrite_all(fd: int, data: bytes, off: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        assert n > 0
-        mv, off = mv[n:], off + n
-
 
 def pread_all(fd: int, length: int, off: int) -> bytes:
     out = bytearray()
@@ -80,22 +74,6 @@ def write_sync(path: Path, off: int, data: bytes) -> None:
     finally:
         os.close(fd)
 
-
-def read_direct(path: Path, off: int, length: int) -> bytes:
-    """Read with O_DIRECT, so the bytes come from the daemon, not the page cache."""
-    assert off % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, length)
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [memoryview(buf)[done:]], off + done)
-            if n == 0:
-                break
-            done += n
-        return bytes(buf[:done])
-    finally:
-        os.close(fd)
 
 
 def expect_fail(d: Daemon, code: int, *args: str) -> subprocess.CompletedProcess:
@@ -127,43 +105,6 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
 
-
-def run_as(uid: int | None, gid: int | None, fn):
-    """Run ``fn()`` in a forked child, as ``uid``/``gid`` unless None; return its
-    outcome as {"ok": result}, {"error": class name, ...}, {"errno": n} or {"signal": n}.
-
-    Forked rather than exec'd: the venv's interpreter lives under /root, which
-    other users cannot execute.  A child killed by a signal (SIGBUS from a
-    mapping) does not take the test process down.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            import faulthandler
-
-            faulthandler.disable()  # an expected SIGBUS needs no stack dump
-            os.close(r)
-            if uid is not None:
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-            try:
-                out = {"ok": fn()}
-            except EvscryptError as e:
-                out = {"error": type(e).__name__, "message": e.message}
-            except OSError as e:
-                out = {"errno": e.errno}
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        return {"signal": os.WTERMSIG(status)}
-    return json.loads(data)
 
 
 # -- data path --------------------------------------------------------------------

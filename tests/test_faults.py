@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, make_daemon,
+    Daemon, daemon, is_mounted, loop_skip_reason, make_daemon, pwrite_all, read_direct,
 )
 from evscrypt.crypto.xts import SECTOR_SIZE
 from evscrypt.image import header as hdr
@@ -54,13 +54,6 @@ def aligned(n: int) -> mmap.mmap:
     return mmap.mmap(-1, n)
 
 
-def pwrite_all(fd: int, data, off: int) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.pwrite(fd, mv, off)
-        assert n > 0
-        mv, off = mv[n:], off + n
-
 
 def write_direct(path: Path, off: int, data: bytes, sync: bool = True) -> None:
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
@@ -73,22 +66,6 @@ def write_direct(path: Path, off: int, data: bytes, sync: bool = True) -> None:
     finally:
         os.close(fd)
 
-
-def read_direct(path: Path, off: int, length: int) -> bytes:
-    """Read with O_DIRECT, so the bytes come from the daemon, not the page cache."""
-    assert off % SECTOR_SIZE == 0 and length % SECTOR_SIZE == 0
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = aligned(length)
-        done = 0
-        while done < length:
-            n = os.preadv(fd, [memoryview(buf)[done:]], off + done)
-            if n == 0:
-                break
-            done += n
-        return bytes(buf[:done])
-    finally:
-        os.close(fd)
 
 
 def volume_status(d: Daemon, name: str) -> dict | None:

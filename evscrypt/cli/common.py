@@ -12,12 +12,16 @@ import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .. import client
 from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
 from ..paths import default_runtime_dir, socket_path
+
+if TYPE_CHECKING:
+    from ..volumes import VolumeStore
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*", re.IGNORECASE)

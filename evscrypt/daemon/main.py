@@ -9,7 +9,6 @@ keys), leave the FUSE loop and unmount.  Exit 0.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
