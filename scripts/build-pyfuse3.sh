@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # build-pyfuse3.sh VENV
 #
-# Install into VENV a pyfuse3 3.5.0 that forwards FUSE fallocate requests to
-# Operations.fallocate(fh, mode, offset, length); see
-# patches/pyfuse3-3.5.0-fallocate.patch.  Without that patch, fallocate(2) on
-# a pyfuse3 mount fails with EOPNOTSUPP and never reaches Python.
+# Install into VENV a pyfuse3 3.5.0 with two patches, applied in order:
+# - patches/pyfuse3-3.5.0-fallocate.patch forwards FUSE fallocate requests to
+#   Operations.fallocate(fh, mode, offset, length).  Without it, fallocate(2)
+#   on a pyfuse3 mount fails with EOPNOTSUPP and never reaches Python.
+# - patches/pyfuse3-3.5.0-threads.patch adds pyfuse3.main_threads(): worker
+#   threads that receive requests and answer reads and writes synchronously,
+#   in parallel (the daemon's data path; see the patch header).
 #
-# Idempotent: if VENV already has a pyfuse3 with the handler, exit 0 at once.
+# Idempotent: if VENV already has a pyfuse3 with both, exit 0 at once.
 # Otherwise download the pyfuse3 3.5.0 sdist (sha256 checked), apply the
-# patch, delete the shipped Cython output (src/pyfuse3/__init__.c) so that it
+# patches, delete the shipped Cython output (src/pyfuse3/__init__.c) so that it
 # is generated again from the patched sources, and build and install the
 # package with VENV's pip.  pip builds in an isolated environment with
 # setuptools, setuptools_scm and Cython (pinned below) from the package
 # index, so nothing but pyfuse3 changes in VENV.  The installed version is
-# 3.5.0+fallocate.
+# 3.5.0+evscrypt.DIGEST (see LOCAL_VERSION).
 #
 # Needs: gcc, pkg-config, libfuse3-dev, the Python headers of VENV's
 # interpreter (already needed to install pyfuse3 from PyPI, which has no
@@ -24,7 +27,8 @@ PYFUSE3_VERSION=3.5.0
 SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 # The Cython that generated the __init__.c shipped in the 3.5.0 sdist.
 CYTHON_VERSION=3.2.4
-LOCAL_VERSION=$PYFUSE3_VERSION+fallocate
+# The local version label carries a digest of the patches, so that a venv
+# with an older patched build is rebuilt when a patch changes.
 
 die() { echo "build-pyfuse3: error: $*" >&2; exit 1; }
 say() { echo "build-pyfuse3: $*"; }
@@ -34,25 +38,37 @@ VENV=$(cd "$1" 2>/dev/null && pwd) || die "no such directory: $1"
 PY=$VENV/bin/python
 [[ -x $PY ]] || die "$PY is missing or not executable"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-PATCH=$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-fallocate.patch
-[[ -f $PATCH ]] || die "patch not found: $PATCH"
+PATCHES=("$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-fallocate.patch"
+         "$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-threads.patch")
+for PATCH in "${PATCHES[@]}"; do
+    [[ -f $PATCH ]] || die "patch not found: $PATCH"
+done
+LOCAL_VERSION=$PYFUSE3_VERSION+evscrypt.$(cat "${PATCHES[@]}" | sha256sum | cut -c1-12)
+export LOCAL_VERSION
 
 # The Python stub alone proves nothing (it is pure Python); the compiled
 # module must contain the new C handler too, or the op is not registered.
 check() {
     "$PY" - <<'EOF'
+import importlib.metadata
+import os
 import sys
 import pyfuse3
+have = importlib.metadata.version("pyfuse3")
+if have != os.environ["LOCAL_VERSION"]:
+    sys.exit("pyfuse3 %s is not the build of the current patches" % have)
 if not hasattr(pyfuse3.Operations, "fallocate"):
     sys.exit("pyfuse3.Operations has no fallocate")
 with open(pyfuse3.__file__, "rb") as f:
     if b"fuse_fallocate" not in f.read():
         sys.exit("%s has no fuse_fallocate handler" % pyfuse3.__file__)
+if not hasattr(pyfuse3, "main_threads"):
+    sys.exit("pyfuse3 has no main_threads")
 EOF
 }
 
 if check >/dev/null 2>&1; then
-    say "pyfuse3 in $VENV already has the fallocate handler; nothing to do"
+    say "pyfuse3 in $VENV is already patched; nothing to do"
     exit 0
 fi
 
@@ -89,6 +105,7 @@ got=$(sha256sum "$SDIST" | cut -d' ' -f1)
 
 tar -xzf "$SDIST" -C "$TMP" || die "cannot unpack $SDIST"
 SRC=$TMP/pyfuse3-$PYFUSE3_VERSION
+for PATCH in "${PATCHES[@]}"; do
 say "applying $(basename "$PATCH")"
 if command -v patch >/dev/null; then
     patch -d "$SRC" -p1 --forward --batch --no-backup-if-mismatch <"$PATCH" >"$TMP/patch.log" \
@@ -133,6 +150,8 @@ while i < len(lines):
 EOF
 fi
 
+done
+
 # The sdist ships a pre-generated __init__.c; remove it so that the build must
 # run Cython on the patched .pyx/.pxi (without Cython it then fails loudly).
 rm -f "$SRC/src/pyfuse3/__init__.c"
@@ -143,10 +162,10 @@ say "building and installing into $VENV (Cython $CYTHON_VERSION)"
 SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$LOCAL_VERSION \
     "$PY" -m pip install -q --no-deps --force-reinstall "$SRC" \
     || die "building/installing the patched pyfuse3 failed (see pip output above)"
-grep -q fuse_fallocate_async "$SRC/src/pyfuse3/__init__.c" 2>/dev/null \
+grep -q _worker_thread "$SRC/src/pyfuse3/__init__.c" 2>/dev/null \
     || die "Cython did not regenerate src/pyfuse3/__init__.c from the patched sources"
 
 if ! out=$(check 2>&1); then
     die "installed, but the check still fails: $out"
 fi
-say "done: pyfuse3 $LOCAL_VERSION with fallocate in $VENV (${SECONDS}s)"
+say "done: pyfuse3 $LOCAL_VERSION (fallocate, worker threads) in $VENV (${SECONDS}s)"

@@ -3,7 +3,8 @@
  *
  * evp.py keys one OpenSSL EVP context per thread; this loop then, for each
  * 4 KiB sector, resets the IV (the dm-crypt plain64 tweak) and runs one
- * EVP_CipherUpdate, with the GIL released for the whole request.  It takes
+ * EVP_CipherUpdate, with the GIL released for the whole request (except
+ * for short ones, see GIL_KEEP_SECTORS).  It takes
  * the two OpenSSL functions as addresses that ctypes resolved from the same
  * libcrypto, so it needs neither OpenSSL headers nor linking against it.
  * The tweak arithmetic mirrors evscrypt.crypto.xts.tweak(), the one
@@ -13,6 +14,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+
+/* Requests of at most this many sectors run with the GIL held. */
+#define GIL_KEEP_SECTORS 4
 
 typedef int (*init_fn)(void *ctx, const void *cipher, void *engine,
                        const unsigned char *key, const unsigned char *iv, int enc);
@@ -42,7 +46,9 @@ crypt_sectors(PyObject *self, PyObject *args)
     const unsigned char *in = src.buf;
     unsigned char *out = dst.buf;
 
-    Py_BEGIN_ALLOW_THREADS
+    /* Releasing the GIL costs a hand-over to another thread and back, more
+     * than a few sectors of AES: keep it for short requests. */
+    PyThreadState *ts = n > GIL_KEEP_SECTORS ? PyEval_SaveThread() : NULL;
     for (Py_ssize_t i = 0; i < n && !failed; i++) {
         unsigned __int128 t = ((unsigned __int128)first + (unsigned __int128)i) * iv_mul;
         unsigned char iv[16];
@@ -56,7 +62,8 @@ crypt_sectors(PyObject *self, PyObject *args)
             outl != sector)
             failed = 1;
     }
-    Py_END_ALLOW_THREADS
+    if (ts)
+        PyEval_RestoreThread(ts);
 
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);

@@ -7,13 +7,17 @@ takes a point-in-time copy; then the held requests go on.  A copy taken
 inside is crash-consistent: it holds every write the kernel was told had
 completed, and none that was still running.
 
-Trio-thread only, like all the daemon's bookkeeping, so it needs no lock.
-Passing an open gate costs no checkpoint: the hot path stays synchronous.
+Writes pass it from the FUSE worker threads (:meth:`try_enter`, which never
+waits: a writer that finds the gate closed goes the async way and waits in
+the trio thread), fsync and discard from the trio thread
+(``async with gate``); one small lock keeps the count and the closed state
+consistent between them.  Passing an open gate costs no checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import trio
 
@@ -23,6 +27,7 @@ _DRAIN_POLL = 0.002
 
 class WriteGate:
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._closed: trio.Event | None = None  # set when the gate opens again
         self.active = 0  # changes running now
 
@@ -30,24 +35,42 @@ class WriteGate:
     def closed(self) -> bool:
         return self._closed is not None
 
+    def try_enter(self) -> bool:
+        """From any thread: count a change in, unless the gate is closed."""
+        with self._lock:
+            if self._closed is not None:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+
     async def __aenter__(self) -> None:
-        while self._closed is not None:
-            await self._closed.wait()
-        self.active += 1
+        while True:
+            with self._lock:
+                closed = self._closed
+                if closed is None:
+                    self.active += 1
+                    return
+            await closed.wait()
 
     async def __aexit__(self, *exc) -> None:
-        self.active -= 1
+        self.leave()
 
     @contextlib.asynccontextmanager
     async def quiesce(self):
         """Hold new changes and drain the running ones for the body's duration."""
-        if self._closed is not None:
-            raise RuntimeError("the write gate is already closed")  # callers hold the volume's lock
-        self._closed = reopened = trio.Event()
+        with self._lock:
+            if self._closed is not None:
+                raise RuntimeError("the write gate is already closed")  # callers hold the volume's lock
+            self._closed = reopened = trio.Event()
         try:
             while self.active:
                 await trio.sleep(_DRAIN_POLL)
             yield
         finally:
-            self._closed = None
+            with self._lock:
+                self._closed = None
             reopened.set()

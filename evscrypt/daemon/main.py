@@ -31,9 +31,11 @@ from .notify import sd_notify
 from .ops import Operations
 
 log = logging.getLogger("evscrypt.daemon")
-#: pyfuse3 worker tasks (requests in flight).  Tuning knob for benchmarks;
-#: fewer did not help here (docs/PERFORMANCE.md).
-FUSE_MAX_TASKS = int(os.environ.get("EVSCRYPT_FUSE_TASKS", "99"))
+#: FUSE worker threads, which receive every request and serve small reads
+#: and writes themselves (large ones go to the I/O threads).  One is fastest
+#: here: a second one mostly trades the GIL back and forth
+#: (docs/PERFORMANCE.md).  A tuning knob for benchmarks.
+FUSE_THREADS = int(os.environ.get("EVSCRYPT_FUSE_THREADS", "1"))
 
 
 def _is_mountpoint(path: Path) -> bool:
@@ -67,7 +69,7 @@ def setup_logging(debug: bool) -> None:
 
 async def _serve(manager: VolumeManager, control: ControlServer) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: pyfuse3.main(min_tasks=1, max_tasks=FUSE_MAX_TASKS))
+        nursery.start_soon(pyfuse3.main_threads, FUSE_THREADS)
         await nursery.start(control.serve)
         sd_notify("READY=1")
         log.info("ready: disks at %s, control socket %s", manager.disks, control.path)

@@ -14,7 +14,10 @@ header MAC is resealed with the MAC key derived at attach, not the DK.
 
 Locks: ``_name_locks[name]`` (trio) serialises attach, detach, snapshot and
 resize of one volume, so none of them races another on the same name.
-Everything else in here runs on the trio thread and needs no lock.
+Everything else in here runs on the trio thread, except the I/O accounting
+of an attachment: reads and writes run in FUSE worker threads, so
+``Attachment.lock`` guards the in-flight count, the detached flag and the
+counters (see :meth:`Attachment.io_begin`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +50,6 @@ log = logging.getLogger("evscrypt.manager")
 #: Worker threads for crypto, pread/pwrite and fsync; 2 cores here, but I/O
 #: waits overlap, so a few more threads than cores keep the disk busy.
 IO_THREADS = 8
-#: Requests at least this large leave the trio thread; smaller ones are
-#: cheaper inline than the thread hop.
-THREAD_MIN = 64 * 1024
 #: How long `status` waits for key states before answering with the last known.
 STATUS_KMS_DEADLINE = 3.0
 
@@ -85,10 +86,36 @@ class Attachment:
     mount: loopmount.MountInfo | None = None
     counters: Counters = field(default_factory=Counters)
     key_state: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def size(self) -> int:
         return self.header.size
+
+    def io_begin(self) -> bool:
+        """Count a request in; False if the volume is detached or failed.
+
+        Detach sets ``detached`` under the same lock and then waits for the
+        count to drain, so no request can start after detach has looked and
+        still be using the key when it is wiped.
+        """
+        with self.lock:
+            if self.detached or self.failed:
+                return False
+            self.inflight += 1
+            return True
+
+    def io_done(self, **counts: int) -> None:
+        """Count a request out, adding ``counts`` to the named counters."""
+        with self.lock:
+            self.inflight -= 1
+            c = self.counters
+            for name, n in counts.items():
+                setattr(c, name, getattr(c, name) + n)
+
+    def mark_detached(self) -> None:
+        with self.lock:
+            self.detached = True
 
     def close(self) -> None:
         """Wipe the key and release the image (and with it the lock)."""
@@ -264,7 +291,7 @@ class VolumeManager:
         """Unexpose, drain in-flight I/O, flush, wipe the key, unlock."""
         self.by_name.pop(a.name, None)
         self.by_inode.pop(a.inode, None)
-        a.detached = True
+        a.mark_detached()
         if a.opened:
             self.zombies[a.inode] = a
         self.invalidate(a.inode, a.name)

@@ -2,9 +2,10 @@
 
 A flat directory holds one regular file per attached volume.  This layer
 never touches a cipher; it finds the attachment, clamps the range, runs the
-engine (inline for small requests, in a worker thread for large ones and for
-fsync) and turns errors into errno through errno_map, the only place that
-knows that mapping.
+engine and turns errors into errno through errno_map, the only place that
+knows that mapping.  Reads and writes run synchronously in pyfuse3's worker
+threads (read_sync, write_sync); everything else is an async handler in the
+trio thread, with its engine calls (fsync, discard) in a thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
 import trio
@@ -21,13 +23,19 @@ import trio
 from ..errors import EvscryptError, StorageError
 from ..crypto.xts import SECTOR_SIZE
 from .errno_map import errno_for
-from .manager import THREAD_MIN, Attachment, VolumeManager
+from .manager import Attachment, VolumeManager
 
 log = logging.getLogger("evscrypt.fuse")
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+#: Reads and writes at least this large leave the FUSE worker thread for
+#: the I/O pool: they take long enough that running several at once pays
+#: for the hop; smaller ones are cheaper inline.
+OFFLOAD_MIN = 128 * 1024
+#: I/O pool threads: large requests in flight at once.
+IO_POOL_THREADS = 4
 #: Attribute and entry cache time: short, because attach, detach and resize
 #: change what the directory holds.
 ATTR_TIMEOUT = 1.0
@@ -44,6 +52,7 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Attachment] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
+        self._io_pool = ThreadPoolExecutor(IO_POOL_THREADS, thread_name_prefix="io")
         manager.invalidate = self._invalidate
         manager.invalidate_data = self._invalidate_data
         manager.invalidate_attr = self._invalidate_attr
@@ -197,45 +206,105 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO)
         return v
 
-    async def _run(self, v: Attachment, size: int, fn, *args):
-        """Run an engine call, inline if small, and map its errors."""
-        v.inflight += 1
-        try:
-            if size >= THREAD_MIN:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self.m.io_limiter)
-            return fn(*args)
-        except (EvscryptError, OSError) as e:
-            v.counters.errors += 1
-            if isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno == errno.EIO):
-                v.failed = getattr(e, "message", None) or str(e)
-                log.error("volume %s failed: %s", v.name, v.failed)
-            code = errno_for(e)
-            raise pyfuse3.FUSEError(code)
-        finally:
-            v.inflight -= 1
+    def _begin(self, fh: int) -> Attachment:
+        """Count a request in on fh's volume (any thread), or answer EIO."""
+        v = self._handles.get(fh)
+        if v is None or not v.io_begin():
+            raise pyfuse3.FUSEError(errno.EIO)  # force-detached, or the image failed
+        return v
 
-    async def read(self, fh, off, size):
-        v = self._live(fh)
-        if off >= v.size or size <= 0:
-            return b""
-        size = min(size, v.size - off)
-        data = await self._run(v, size, v.engine.read, off, size)
-        v.counters.reads += 1
-        v.counters.bytes_read += size
-        return data
+    @staticmethod
+    def _error(v: Attachment, e: Exception) -> pyfuse3.FUSEError:
+        """The FUSE error for an engine failure; a storage failure fails the volume."""
+        if isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno == errno.EIO):
+            v.failed = getattr(e, "message", None) or str(e)
+            log.error("volume %s failed: %s", v.name, v.failed)
+        return pyfuse3.FUSEError(errno_for(e))
+
+    # Reads and writes are served from pyfuse3's worker thread
+    # (main_threads), never through the trio thread.  Small ones are done
+    # right there; large ones go to the I/O pool, which sends the reply when
+    # it is done, so several run at once while the worker goes on receiving.
+    # The engine is thread-safe.
+    def read_sync(self, fh, off, size):
+        if size >= OFFLOAD_MIN:
+            return self._io_pool.submit(self._read, fh, off, size)
+        return self._read(fh, off, size)
+
+    def _read(self, fh, off, size):
+        v = self._begin(fh)
+        n = errors = 0
+        try:
+            if off >= v.size or size <= 0:
+                return b""
+            n = min(size, v.size - off)
+            try:
+                return v.engine.read(off, n)
+            except (EvscryptError, OSError) as e:
+                errors, n = 1, 0
+                raise self._error(v, e) from None
+        finally:
+            v.io_done(reads=1 - errors, bytes_read=n, errors=errors)
+
+    def write_sync(self, fh, off, buf):
+        v = self._begin(fh)
+        try:
+            if off >= v.size:
+                raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk never grows
+            if off + len(buf) > v.size:
+                buf = memoryview(buf)[:v.size - off]
+            if not v.gate.try_enter():
+                v.io_done()
+                return None  # a snapshot is taking its copy point: wait in write()
+        except BaseException:
+            v.io_done()
+            raise
+        if len(buf) >= OFFLOAD_MIN:
+            return self._io_pool.submit(self._write, v, off, buf)
+        return self._write(v, off, buf)
+
+    def _write(self, v: Attachment, off: int, buf) -> int:
+        """Write with the request counted in and the gate entered; leave both."""
+        n = errors = 0
+        try:
+            n = v.engine.write(off, buf)
+            return n
+        except (EvscryptError, OSError) as e:
+            errors = 1
+            raise self._error(v, e) from None
+        finally:
+            v.gate.leave()
+            v.io_done(writes=1 if n else 0, bytes_written=n, errors=errors)
 
     async def write(self, fh, off, buf):
+        """A write that found the gate closed: wait for it here, then write
+        in an I/O thread (never block the trio thread)."""
         v = self._live(fh)
         if off >= v.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk never grows
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         if off + len(buf) > v.size:
             buf = memoryview(buf)[:v.size - off]
         async with v.gate:  # held while a snapshot takes its copy point
             v = self._live(fh)
-            n = await self._run(v, len(buf), v.engine.write, off, buf)
-        v.counters.writes += 1
-        v.counters.bytes_written += n
-        return n
+            return await self._run(v, v.engine.write, off, buf, kind="writes", nbytes=len(buf))
+
+    async def _run(self, v: Attachment, fn, *args, kind: str | None = None, nbytes: int = 0):
+        """Run an engine call in a worker thread from the trio thread."""
+        if not v.io_begin():
+            raise pyfuse3.FUSEError(errno.EIO)
+        counts = {}
+        try:
+            result = await trio.to_thread.run_sync(fn, *args, limiter=self.m.io_limiter)
+            if kind == "writes":
+                counts = {"writes": 1, "bytes_written": nbytes}
+            elif kind:
+                counts = {kind: 1}
+            return result
+        except (EvscryptError, OSError) as e:
+            counts = {"errors": 1}
+            raise self._error(v, e) from None
+        finally:
+            v.io_done(**counts)
 
     async def flush(self, fh):
         self._live(fh)  # data is already in the backing file; fsync makes it durable
@@ -244,8 +313,7 @@ class Operations(pyfuse3.Operations):
         v = self._live(fh)
         async with v.gate:
             v = self._live(fh)
-            await self._run(v, THREAD_MIN, v.engine.fsync, bool(datasync))
-        v.counters.fsyncs += 1
+            await self._run(v, v.engine.fsync, bool(datasync), kind="fsyncs")
 
     async def fallocate(self, fh, mode, off, length):
         v = self._live(fh)
@@ -257,8 +325,7 @@ class Operations(pyfuse3.Operations):
             length = min(length, v.size - off)
             async with v.gate:
                 v = self._live(fh)
-                await self._run(v, THREAD_MIN, v.engine.discard, off, length)
-            v.counters.discards += 1
+                await self._run(v, v.engine.discard, off, length, kind="discards")
             return
         if mode & ~FALLOC_FL_KEEP_SIZE:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
