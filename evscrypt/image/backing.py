@@ -29,7 +29,11 @@ def storage_error(e: OSError, what: str):
 
 def pread_into(fd: int, buf, offset: int) -> None:
     """Fill ``buf`` from ``offset``; bytes past the end of the file read as zero."""
-    mv = memoryview(buf)
+    n = os.preadv(fd, [buf], offset)
+    if n == len(buf):
+        return  # the usual case: one call filled it
+    mv = memoryview(buf)[n:]
+    offset += n
     while mv:
         n = os.preadv(fd, [mv], offset)
         if n == 0:
@@ -40,7 +44,11 @@ def pread_into(fd: int, buf, offset: int) -> None:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    mv = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return  # the usual case: one call wrote it all
+    mv = memoryview(data)[n:]
+    offset += n
     while mv:
         n = os.pwrite(fd, mv, offset)
         mv = mv[n:]

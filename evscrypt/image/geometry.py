@@ -6,7 +6,7 @@ Nothing here does I/O.  A plaintext byte range maps to a run of whole sectors
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..crypto.xts import SECTOR_SIZE
 
@@ -15,9 +15,12 @@ from ..crypto.xts import SECTOR_SIZE
 DEFAULT_DATA_OFFSET = 1 << 20
 
 
-@dataclass(frozen=True)
-class Span:
-    """The whole sectors that cover a plaintext range."""
+class Span(NamedTuple):
+    """The whole sectors that cover a plaintext range.
+
+    A NamedTuple, not a frozen dataclass: one is built for every I/O request,
+    and a tuple builds several times faster.
+    """
 
     first: int  # first sector
     count: int  # number of sectors
