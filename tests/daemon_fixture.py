@@ -384,3 +384,24 @@ def run_as(uid: int | None, gid: int | None, fn):
     if os.WIFSIGNALED(status):
         return {"signal": os.WTERMSIG(status)}
     return json.loads(data)
+
+
+#: Skip a test that needs fio where it is not installed.
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+
+
+def pread_all(fd: int, length: int, off: int) -> bytes:
+    out = bytearray()
+    while len(out) < length:
+        chunk = os.pread(fd, length - len(out), off + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def volume_status(d: Daemon, name: str) -> dict | None:
+    for v in d.status()["volumes"]:
+        if v["name"] == name:
+            return v
+    return None

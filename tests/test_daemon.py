@@ -17,7 +17,6 @@ import mmap
 import os
 import pwd
 import random
-import shutil
 import signal
 import stat
 import subprocess
@@ -27,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, pwrite_all, read_direct,
-    run_as,
+    Daemon, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, needs_fio, pread_all,
+    pwrite_all, read_direct, run_as, volume_status,
 )
 from evscrypt import client
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
@@ -47,23 +46,12 @@ def needs_loop(fn):
     return pytest.mark.loop(fn)
 
 
-needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 
 
 # -- helpers ---------------------------------------------------------------------
 def rand(n: int, seed) -> bytes:
     return random.Random(repr(seed)).randbytes(n)
 
-
-
-def pread_all(fd: int, length: int, off: int) -> bytes:
-    out = bytearray()
-    while len(out) < length:
-        chunk = os.pread(fd, length - len(out), off + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def write_sync(path: Path, off: int, data: bytes) -> None:
@@ -85,13 +73,6 @@ def expect_fail(d: Daemon, code: int, *args: str) -> subprocess.CompletedProcess
     assert len(errors) == 1, p.stderr
     assert p.stdout == ""
     return p
-
-
-def volume_status(d: Daemon, name: str) -> dict | None:
-    for v in d.status()["volumes"]:
-        if v["name"] == name:
-            return v
-    return None
 
 
 def sha256(path: Path) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, make_daemon, pwrite_all, read_direct,
+    Daemon, daemon, is_mounted, loop_skip_reason, make_daemon, pwrite_all, read_direct, volume_status,
 )
 from evscrypt.crypto.xts import SECTOR_SIZE
 from evscrypt.image import header as hdr
@@ -66,13 +66,6 @@ def write_direct(path: Path, off: int, data: bytes, sync: bool = True) -> None:
     finally:
         os.close(fd)
 
-
-
-def volume_status(d: Daemon, name: str) -> dict | None:
-    for v in d.status()["volumes"]:
-        if v["name"] == name:
-            return v
-    return None
 
 
 def expect_fail(d: Daemon, code: int, *args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import click
@@ -88,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except EvscryptError as e:
         if debug:
+            import traceback  # only here: it costs start-up time of every command
             traceback.print_exc()
         click.echo(f"evscrypt: error: {e.message}", err=True)
         return e.exit_code
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
+            import traceback  # only here: it costs start-up time of every command
             traceback.print_exc()
         click.echo(f"evscrypt: internal error: {type(e).__name__}: {e} (run with --debug for details)", err=True)
         return EXIT_INTERNAL

@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,8 @@ def parse_size(text: str) -> int:
     m = _SIZE.fullmatch(text or "")
     if not m or len(text) > 40:
         raise InvalidArgument(f"invalid size {text!r}: write it like 10G, 512M or 4096")
+    from fractions import Fraction  # here, not at the top: start-up time of every command
+
     n = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]  # exact: no float rounding
     if n.denominator != 1:
         raise InvalidArgument(f"invalid size {text!r}: not a whole number of bytes")
