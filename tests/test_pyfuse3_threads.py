@@ -591,7 +591,8 @@ def test_read_sync_paths(mount):
     done = mount.entries("read_done", "future")
     assert spans(done) == READS
     assert all(d["thread"].startswith("completer_") for d in done), done
-    assert len(mount.entries("read_completed", "future")) == n
+    # (logged after the Future's callbacks ran: maybe after pread returned)
+    assert len(mount.wait_for("read_completed", "future", n)) == n
     assert mount.entries("no_done_callback") == []
 
     # future-done: complete when returned, so the worker replied at once.
@@ -635,7 +636,7 @@ def test_write_sync_paths(mount):
 
     callbacks = mount.entries("write_add_done_callback", "future")
     assert [c["off"] for c in callbacks if c["pending"] and is_worker(c["thread"])] == [1000, 100_000]
-    assert [c["off"] for c in mount.entries("write_completed", "future")] == [1000, 100_000]
+    assert [c["off"] for c in mount.wait_for("write_completed", "future", 2)] == [1000, 100_000]
     done = mount.entries("write_done", "future")
     assert [(d["off"], d["len"]) for d in done] == [(1000, 4096), (100_000, 99)]
     assert all(d["thread"].startswith("completer_") for d in done), done
@@ -677,7 +678,7 @@ def test_sync_errors_reach_the_caller(mount):
     for name in ("future-error", "future-crash"):
         for kind in ("read", "write"):
             assert [c["pending"] for c in mount.entries(kind + "_add_done_callback", name)] == [True]
-            assert len(mount.entries(kind + "_completed", name)) == 1
+            assert len(mount.wait_for(kind + "_completed", name)) == 1
 
     err = mount.err()
     assert "read_sync failed" in err and "RuntimeError: read_sync crash" in err, err

@@ -23,17 +23,28 @@ typedef int (*init_fn)(void *ctx, const void *cipher, void *engine,
 typedef int (*update_fn)(void *ctx, unsigned char *out, int *outl,
                          const unsigned char *in, int inl);
 
+/* True if the sector holds only zero bytes (sector is a multiple of 8). */
+static int
+all_zero(const unsigned char *p, int sector)
+{
+    const unsigned long long *w = (const unsigned long long *)p;
+    for (int k = 0; k < sector / 8; k++)
+        if (w[k])
+            return 0;
+    return 1;
+}
+
 static PyObject *
 crypt_sectors(PyObject *self, PyObject *args)
 {
     unsigned long long ctx, init_addr, update_addr, first, iv_mul;
     Py_buffer src, dst;
-    int sector, enc;
+    int sector, enc, skip_zero = 0;
 
-    if (!PyArg_ParseTuple(args, "KKKKKy*w*ii", &ctx, &init_addr, &update_addr, &first, &iv_mul,
-                          &src, &dst, &sector, &enc))
+    if (!PyArg_ParseTuple(args, "KKKKKy*w*ii|p", &ctx, &init_addr, &update_addr, &first, &iv_mul,
+                          &src, &dst, &sector, &enc, &skip_zero))
         return NULL;
-    if (sector <= 0 || src.len % sector || dst.len < src.len) {
+    if (sector <= 0 || sector % 8 || src.len % sector || dst.len < src.len) {
         PyBuffer_Release(&src);
         PyBuffer_Release(&dst);
         PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
@@ -50,6 +61,12 @@ crypt_sectors(PyObject *self, PyObject *args)
      * than a few sectors of AES: keep it for short requests. */
     PyThreadState *ts = n > GIL_KEEP_SECTORS ? PyEval_SaveThread() : NULL;
     for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        if (skip_zero && all_zero(in + i * sector, sector)) {
+            /* the caller's convention: an all-zero sector stays zeros */
+            if (out + i * sector != in + i * sector)
+                memset(out + i * sector, 0, sector);
+            continue;
+        }
         unsigned __int128 t = ((unsigned __int128)first + (unsigned __int128)i) * iv_mul;
         unsigned char iv[16];
         for (int b = 0; b < 16; b++) {
@@ -76,7 +93,9 @@ crypt_sectors(PyObject *self, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"crypt_sectors", crypt_sectors, METH_VARARGS,
-     "crypt_sectors(ctx, init, update, first_sector, iv_per_sector, src, dst, sector_size, enc)"},
+     "crypt_sectors(ctx, init, update, first_sector, iv_per_sector, src, dst, sector_size, enc,\n"
+     "              skip_zero=False)\n\n"
+     "With skip_zero, all-zero sectors of src are not run through the cipher: they come out as zeros."},
     {NULL, NULL, 0, NULL},
 };
 

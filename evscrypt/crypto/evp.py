@@ -109,12 +109,15 @@ class EvpXts:
                 self._ctxs.append(c)
         return c
 
-    def crypt_into(self, first_sector: int, src, dst, encrypt: bool) -> None:
+    def crypt_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool = False) -> None:
+        """Run the sectors of src through the cipher into dst.  With
+        skip_zero, all-zero sectors are not: they come out as zeros."""
         lib = self._lib
         enc = 1 if encrypt else 0
         ctx = self._ctx(enc)
         if _xtsloop is not None and first_sector + len(src) // self._sector < 1 << 64:
-            _xtsloop.crypt_sectors(ctx, _INIT, _UPDATE, first_sector, self._ivmul, src, dst, self._sector, enc)
+            _xtsloop.crypt_sectors(ctx, _INIT, _UPDATE, first_sector, self._ivmul, src, dst, self._sector, enc,
+                                   skip_zero)
             return
         n = len(src) // self._sector
         src_addr, keep_s = _addr(src)
@@ -122,7 +125,12 @@ class EvpXts:
         iv = ctypes.create_string_buffer(16)
         outl = ctypes.c_int()
         init, update, ss = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate, self._sector
+        zero = bytes(ss) if skip_zero else None
+        src_mv, dst_mv = memoryview(src), memoryview(dst)
         for i in range(n):
+            if skip_zero and src_mv[i * ss:(i + 1) * ss] == zero:
+                dst_mv[i * ss:(i + 1) * ss] = zero
+                continue
             ctypes.memmove(iv, ((first_sector + i) * self._ivmul).to_bytes(16, "little"), 16)
             if init(ctx, None, None, None, iv, enc) != 1 or update(ctx, dst_addr + i * ss, ctypes.byref(outl),
                                                                     src_addr + i * ss, ss) != 1:

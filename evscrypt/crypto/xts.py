@@ -12,11 +12,10 @@ cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..parallel import MIN_PART_SECTORS, split_run
 from ..secret import Secret
 from . import evp
 
@@ -28,20 +27,7 @@ KEY_SIZE = 64
 CIPHER_NAME = "aes-xts-plain64"
 
 
-#: Requests of at least this many sectors (256 KiB) are split across cores.
-PARALLEL_MIN_SECTORS = 64
-_CPUS = os.cpu_count() or 1
-_pool_obj = None
-_pool_lock = threading.Lock()  # guards the lazy creation of _pool_obj
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _pool_obj
-    if _pool_obj is None:
-        with _pool_lock:
-            if _pool_obj is None:
-                _pool_obj = ThreadPoolExecutor(max_workers=max(1, _CPUS - 1), thread_name_prefix="xts")
-    return _pool_obj
+_ZERO_SECTOR = bytes(SECTOR_SIZE)
 
 
 def tweak(sector: int) -> bytes:
@@ -98,28 +84,18 @@ class SectorCipher:
         """Which implementation runs: 'evp' (fast) or 'cryptography'."""
         return "evp" if self._fast else "cryptography"
 
-    def _crypt_into(self, first_sector: int, src, dst, encrypt: bool) -> None:
+    def _crypt_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool = False) -> None:
         n = _check(len(src))
         if self._aes is None:
             raise ValueError("cipher is closed")
         if self._fast is not None:
-            parts = min(_CPUS, n // PARALLEL_MIN_SECTORS)
-            if parts < 2:
-                self._fast.crypt_into(first_sector, src, dst, encrypt)
+            fast = self._fast
+            if n < 2 * MIN_PART_SECTORS:  # the common case: no split, no closure
+                fast.crypt_into(first_sector, src, dst, encrypt, skip_zero)
                 return
-            # a large request: the C loop releases the GIL, so the other
-            # cores encrypt their share at the same time
             src, dst = memoryview(src), memoryview(dst)
-            step = -(-n // parts)
-            futures = []
-            for lo in range(step, n, step):
-                hi = min(n, lo + step)
-                futures.append(_pool().submit(self._fast.crypt_into, first_sector + lo,
-                                              src[lo * SECTOR_SIZE:hi * SECTOR_SIZE],
-                                              dst[lo * SECTOR_SIZE:hi * SECTOR_SIZE], encrypt))
-            self._fast.crypt_into(first_sector, src[:step * SECTOR_SIZE], dst[:step * SECTOR_SIZE], encrypt)
-            for f in futures:
-                f.result()
+            split_run(n, lambda lo, hi: fast.crypt_into(first_sector + lo, src[lo * SECTOR_SIZE:hi * SECTOR_SIZE],
+                                                        dst[lo * SECTOR_SIZE:hi * SECTOR_SIZE], encrypt, skip_zero))
             return
         src = memoryview(src)
         dst = memoryview(dst)
@@ -127,6 +103,9 @@ class SectorCipher:
         buf = bytearray(SECTOR_SIZE + 15)
         for i in range(n):
             lo, hi = i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE
+            if skip_zero and src[lo:hi] == _ZERO_SECTOR:
+                dst[lo:hi] = _ZERO_SECTOR
+                continue
             c = Cipher(aes, modes.XTS(tweak(first_sector + i)))
             ctx = c.encryptor() if encrypt else c.decryptor()
             k = ctx.update_into(src[lo:hi], buf)
@@ -136,8 +115,12 @@ class SectorCipher:
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         self._crypt_into(first_sector, src, dst, True)
 
-    def decrypt_into(self, first_sector: int, src, dst) -> None:
-        self._crypt_into(first_sector, src, dst, False)
+    def decrypt_into(self, first_sector: int, src, dst, skip_zero: bool = False) -> None:
+        """Decrypt whole sectors.  With ``skip_zero``, sectors of ``src`` that
+        are all zeros are not decrypted and come out as zeros: the engine
+        stores an unwritten sector as zeros, and this way one call (one pass,
+        in C on the fast path) handles a run that mixes both."""
+        self._crypt_into(first_sector, src, dst, False, skip_zero)
 
     def encrypt(self, first_sector: int, data) -> bytearray:
         out = bytearray(len(data))

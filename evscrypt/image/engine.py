@@ -19,6 +19,7 @@ import threading
 
 from ..crypto.xts import SECTOR_SIZE, SectorCipher
 from ..errors import OutOfRange
+from ..parallel import MIN_PART_SECTORS, split_run
 from . import geometry
 from .backing import pread_into, punch_hole, pwrite_all
 
@@ -67,35 +68,38 @@ class Engine:
     # -- sector level --------------------------------------------------------
     def _read_sectors(self, first: int, count: int) -> bytearray:
         buf = bytearray(count * SECTOR_SIZE)
-        pread_into(self.fd, buf, geometry.sector_to_backing(self.data_offset, first))
-        if self.cipher is None:
-            return buf
-        if count == 1:  # most requests: one sector, written or not
-            if buf != ZERO_SECTOR:
-                self.cipher.decrypt_into(first, buf, buf)
+        if count < 2 * MIN_PART_SECTORS:  # the common case: no split, no closure
+            self._read_run(first, buf)
             return buf
         mv = memoryview(buf)
-        i = 0
-        while i < count:
-            # find a run of written (non-zero) sectors and decrypt it in one call
-            while i < count and mv[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE] == ZERO_SECTOR:
-                i += 1
-            j = i
-            while j < count and mv[j * SECTOR_SIZE:(j + 1) * SECTOR_SIZE] != ZERO_SECTOR:
-                j += 1
-            if j > i:
-                run = mv[i * SECTOR_SIZE:j * SECTOR_SIZE]
-                self.cipher.decrypt_into(first + i, run, run)
-            i = j
+        split_run(count, lambda lo, hi: self._read_run(first + lo, mv[lo * SECTOR_SIZE:hi * SECTOR_SIZE]))
         return buf
+
+    def _read_run(self, first: int, out) -> None:
+        """Read and decrypt sectors from ``first`` into ``out``.  A large read
+        runs as one such part per core (split_run): each part's pread and
+        decryption overlap the other's."""
+        pread_into(self.fd, out, geometry.sector_to_backing(self.data_offset, first))
+        if self.cipher is not None:
+            self.cipher.decrypt_into(first, out, out, skip_zero=True)  # unwritten sectors stay zeros
 
     def _write_sectors(self, first: int, plain) -> None:
         if self.cipher is None:
-            data = plain
-        else:
-            data = bytearray(len(plain))
+            pwrite_all(self.fd, plain, geometry.sector_to_backing(self.data_offset, first))
+            return
+        data = bytearray(len(plain))
+        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE:  # the common case: no split, no closure
             self.cipher.encrypt_into(first, plain, data)
-        pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
+            pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
+            return
+        src, dst = memoryview(plain), memoryview(data)
+
+        def part(lo: int, hi: int) -> None:  # encrypt, then write, one part per core
+            a, b = lo * SECTOR_SIZE, hi * SECTOR_SIZE
+            self.cipher.encrypt_into(first + lo, src[a:b], dst[a:b])
+            pwrite_all(self.fd, dst[a:b], geometry.sector_to_backing(self.data_offset, first + lo))
+
+        split_run(len(plain) // SECTOR_SIZE, part)
 
     # -- byte level ------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes | bytearray:

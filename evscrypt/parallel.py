@@ -1,0 +1,55 @@
+"""Split one large piece of sector work across the cores.
+
+A 1 MiB request at queue depth 1 would otherwise run on one core while the
+other idles.  :func:`split_run` cuts a run of sectors into one part per core
+and runs the parts at once: the caller's thread takes the first, a small
+shared pool the others.  The work must release the GIL (the C sector loop,
+pread and pwrite do).
+
+Only one request is split at a time (a lock taken without waiting).  With
+several large requests in flight they already keep the cores busy, and
+splitting them too would only make them queue for the pool.  Nested calls
+(the engine splits a read, and each part's decryption asks again) find the
+lock taken and run whole.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+#: Runs of at least twice this many sectors (2 x 256 KiB) are split.
+MIN_PART_SECTORS = 64
+_CPUS = os.cpu_count() or 1
+_pool_obj: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()  # guards the lazy creation of _pool_obj
+_split = threading.Lock()  # held by the one run being split now
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _pool_obj
+    if _pool_obj is None:
+        with _pool_lock:
+            if _pool_obj is None:
+                _pool_obj = ThreadPoolExecutor(max_workers=max(1, _CPUS - 1), thread_name_prefix="split")
+    return _pool_obj
+
+
+def split_run(count: int, fn) -> None:
+    """Call ``fn(lo, hi)`` over sectors ``[0, count)``: once, or in parallel
+    parts that together cover the range, each exactly once."""
+    parts = min(_CPUS, count // MIN_PART_SECTORS)
+    if parts < 2 or not _split.acquire(blocking=False):
+        fn(0, count)
+        return
+    try:
+        step = -(-count // parts)
+        futures = [_pool().submit(fn, lo, min(count, lo + step)) for lo in range(step, count, step)]
+        try:
+            fn(0, step)
+        finally:
+            for f in futures:
+                f.result()  # wait for all, even if the first part failed; re-raises a part's error
+    finally:
+        _split.release()
