@@ -16,8 +16,6 @@ file is opened with direct_io, so each pread/pwrite reaches the daemon (as one
 READ/WRITE request, unless the kernel splits a big one).  Each file's name
 selects how read_sync and write_sync answer it (see the table in DAEMON); the
 daemon logs every call, with the thread it ran in, to a JSON-lines file.
-
-A patch bug is pinned by a strict xfail: test_external_unmount_ends_main_threads.
 """
 
 from __future__ import annotations
@@ -65,7 +63,7 @@ TIMEOUT = 20.0
 #: The files whose read_sync/write_sync answer (see the daemon script).
 PATHS = ("direct", "future", "future-done", "async")
 NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
-         "crash", "future-crash", "barrier", "slow-future", "slow-open"]
+         "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open"]
 
 
 def initial(name: str, size: int = SIZE) -> bytes:
@@ -111,6 +109,8 @@ DAEMON = textwrap.dedent(
     #   future-error  return a Future that completes with a FUSEError
     #   crash         raise RuntimeError / ValueError (-> EIO)
     #   future-crash  return a Future that completes with RuntimeError (-> EIO)
+    #   badret        return neither data (read) nor a count (write) (-> EIO)
+    #   future-badret the same, through a Future (-> EIO)
     #   barrier       (read) wait on a 2-party threading.Barrier, then the result
     #   slow-future   (read) return a Future completed slow_future_delay later
     #   slow-open     like direct, but its async open waits until a lookup of
@@ -118,7 +118,7 @@ DAEMON = textwrap.dedent(
     # A lookup of "boom" raises Boom (not a FUSEError) in the async handler;
     # a lookup of "release" releases the slow opens and answers ENOENT.
     NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
-             "crash", "future-crash", "barrier", "slow-future", "slow-open"]
+             "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open"]
 
     class Boom(Exception):
         pass
@@ -187,6 +187,8 @@ DAEMON = textwrap.dedent(
                 raise pyfuse3.FUSEError(ERRNOS["read_future"])
             if name == "future-crash":
                 raise RuntimeError("future-crash read")
+            if name == "future-badret":
+                return 12345
             return bytes(self.data[name][off:off + size])
 
         def _slow_read(self, name, off, size):
@@ -202,7 +204,7 @@ DAEMON = textwrap.dedent(
             record(op="read_sync", name=name, off=off, size=size)
             if name in ("direct", "slow-open"):
                 return bytes(self.data[name][off:off + size])
-            if name in ("future", "future-error", "future-crash"):
+            if name in ("future", "future-error", "future-crash", "future-badret"):
                 return late(TracedFuture("read", name, off),
                             lambda: self._produce_read(name, off, size))
             if name == "future-done":
@@ -215,6 +217,8 @@ DAEMON = textwrap.dedent(
                 raise pyfuse3.FUSEError(ERRNOS["read_sync"])
             if name == "crash":
                 raise RuntimeError("read_sync crash")
+            if name == "badret":
+                return 12345
             if name == "barrier":
                 try:
                     self.barrier.wait()
@@ -236,6 +240,8 @@ DAEMON = textwrap.dedent(
                 raise pyfuse3.FUSEError(ERRNOS["write_future"])
             if name == "future-crash":
                 raise RuntimeError("future-crash write")
+            if name == "future-badret":
+                return "not a count"
             return store(self.data[name], off, buf)
 
         def write_sync(self, fh, off, buf):
@@ -243,7 +249,7 @@ DAEMON = textwrap.dedent(
             record(op="write_sync", name=name, off=off, len=len(buf))
             if name == "direct":
                 return store(self.data[name], off, buf)
-            if name in ("future", "future-error", "future-crash"):
+            if name in ("future", "future-error", "future-crash", "future-badret"):
                 return late(TracedFuture("write", name, off),
                             lambda: self._produce_write(name, off, buf))
             if name == "future-done":
@@ -256,6 +262,8 @@ DAEMON = textwrap.dedent(
                 raise pyfuse3.FUSEError(ERRNOS["write_sync"])
             if name == "crash":
                 raise ValueError("write_sync crash")
+            if name == "badret":
+                return "not a count"
             raise pyfuse3.FUSEError(errno.EPERM)
 
         # -- async handlers (trio thread) -------------------------------------
@@ -635,7 +643,8 @@ def test_write_sync_paths(mount):
         assert all(is_worker(c["thread"]) and not c["trio"] for c in calls), calls
 
     callbacks = mount.entries("write_add_done_callback", "future")
-    assert [c["off"] for c in callbacks if c["pending"] and is_worker(c["thread"])] == [1000, 100_000]
+    assert [c["off"] for c in callbacks
+            if c["pending"] and is_worker(c["thread"])] == [1000, 100_000]
     assert [c["off"] for c in mount.wait_for("write_completed", "future", 2)] == [1000, 100_000]
     done = mount.entries("write_done", "future")
     assert [(d["off"], d["len"]) for d in done] == [(1000, 4096), (100_000, 99)]
@@ -663,6 +672,8 @@ def test_sync_errors_reach_the_caller(mount):
         "future-error": (ERRNOS["read_future"], ERRNOS["write_future"]),
         "crash": (errno.EIO, errno.EIO),
         "future-crash": (errno.EIO, errno.EIO),
+        "badret": (errno.EIO, errno.EIO),
+        "future-badret": (errno.EIO, errno.EIO),
     }
     for name, (read_errno, write_errno) in expected.items():
         fd = open_fd(mount, name, os.O_RDWR)
@@ -677,7 +688,8 @@ def test_sync_errors_reach_the_caller(mount):
     assert mount.entries("read") == [] and mount.entries("write") == []
     for name in ("future-error", "future-crash"):
         for kind in ("read", "write"):
-            assert [c["pending"] for c in mount.entries(kind + "_add_done_callback", name)] == [True]
+            callbacks = mount.entries(kind + "_add_done_callback", name)
+            assert [c["pending"] for c in callbacks] == [True], (kind, name)
             assert len(mount.wait_for(kind + "_completed", name)) == 1
 
     err = mount.err()
@@ -813,10 +825,74 @@ def test_async_handler_exception_ends_main_threads(start):
     assert [e["name"] for e in m.entries("lookup")][-1] == "boom"
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired, reason=(
-    "patch bug: on an external unmount each worker gets 0 from "
-    "fuse_session_receive_buf (ENODEV) and ends silently; nothing tells trio, so "
-    "main_threads() never returns (pyfuse3.main() does)"))
+def test_replies_of_pending_futures_are_sent_before_close_destroys_the_session(start):
+    """terminate() while Future replies are outstanding: close() waits for
+    them (they use the session it frees), so every read the daemon accepted
+    gets its data, and nothing replies after close()."""
+    m = start(threads=1)
+    fd = open_fd(m, "slow-future")
+    results: list = []
+
+    def read(i):
+        try:
+            results.append(os.pread(fd, 4096, i * 4096) == initial("slow-future")[i * 4096:(i + 1) * 4096])
+        except OSError as e:
+            results.append(e.errno)
+
+    threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        m.wait_for("inflight", "slow-future", count=4)
+        assert m.terminate(timeout=TIMEOUT) == 0, m.err()
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        os.close(fd) if m.proc.poll() is None else None
+    accepted = len(m.entries("read_sync", "slow-future"))
+    assert accepted >= 4 and results.count(True) == accepted, (accepted, results)
+    # the rest were still queued in the kernel: aborted by the unmount
+    assert all(r is True or r in (errno.ECONNABORTED, errno.ENOTCONN) for r in results), results
+    err = m.err()
+    assert "after close()" not in err and "failed with" not in err and "still pending" not in err, err
+
+
+def test_async_handler_exception_under_load_is_raised_not_a_trio_crash(start):
+    """Requests keep arriving while main_threads() ends with a handler's
+    exception: they must not be started in the closing nursery (that would end
+    the run with TrioInternalError instead of the handler's exception)."""
+    m = start(threads=2)
+    m.expect_rc = 3
+    stop = threading.Event()
+
+    def hammer(i):
+        n = 0
+        while not stop.is_set():
+            try:
+                os.stat(m.path(f"missing-{i}-{n}"))  # a lookup the kernel does not cache
+            except OSError:
+                pass
+            n += 1
+
+    hammers = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(6)]
+    for t in hammers:
+        t.start()
+    try:
+        time.sleep(0.2)
+        try:
+            os.stat(m.path("boom"))
+        except OSError:
+            pass
+        assert m.proc.wait(timeout=TIMEOUT) == 3, m.err()
+    finally:
+        stop.set()
+        for t in hammers:
+            t.join(TIMEOUT)
+    raised = m.entries("main_threads_raised")
+    assert len(raised) == 1 and raised[0]["leaves"] == ["Boom"], (raised, m.err())
+    assert "TrioInternalError" not in m.err(), m.err()
+
+
 def test_external_unmount_ends_main_threads(start):
     """`fusermount3 -u` of the mount ends main_threads(), as it ends main()."""
     m = start(threads=2)
