@@ -37,5 +37,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || evscryp
     "$VENV/bin/pip" install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
     touch "$stamp"
 fi
+# Byte-compile the sources: where PYTHONDONTWRITEBYTECODE is set, Python
+# never caches them itself, and every `evscrypt` command would compile its
+# modules again (~25 ms of each command's start-up).  Quick when up to date.
+"$VENV/bin/python" -m compileall -q evscrypt >/dev/null
 # pyfuse3 3.5.0 lacks the fallocate op (discard); rebuild it with our patch.
 scripts/build-pyfuse3.sh "$VENV"
