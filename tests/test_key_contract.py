@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_fixture import EVSCRYPT, Daemon, make_daemon  # noqa: F401  (fixture used by name)
+from daemon_fixture import EVSCRYPT, Daemon, make_daemon, pread_all  # noqa: F401  (fixture used by name)
 from kms_fixtures import HOST, moto_kms, no_credentials_env, set_aws_env  # noqa: F401  (fixture used by name)
 from evscrypt.image import header as hdr
 from evscrypt.secret import Secret
@@ -118,13 +118,7 @@ def read_back(path: Path, off: int, n: int) -> bytes:
     try:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        out = bytearray()
-        while len(out) < n:
-            chunk = os.pread(fd, n - len(out), off + len(out))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+        return pread_all(fd, n, off)
     finally:
         os.close(fd)
 

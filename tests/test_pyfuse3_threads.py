@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon_fixture import is_mounted
+
 pytestmark = [
     pytest.mark.fuse,
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse is missing"),
@@ -392,16 +394,6 @@ DAEMON = textwrap.dedent(
     """
 )
 
-
-def is_mounted(path: Path) -> bool:
-    """By /proc/self/mounts: also true for a dead FUSE mount (os.path.ismount is not)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].replace("\\040", " ") == target:
-                return True
-    return False
 
 
 class Mount:
