@@ -14,14 +14,10 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import EvscryptError
+from ..entry import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, report_error  # noqa: F401  (re-exported)
 from ..paths import default_home
 from .common import Env
 
-#: Exit codes outside the error tree.
-EXIT_USAGE = 2
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
 
 
 #: Command name -> "module:attribute".  Groups are imported only when used, so
@@ -82,21 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         click.echo("evscrypt: aborted", err=True)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        click.echo("evscrypt: interrupted", err=True)
-        return EXIT_INTERRUPTED
-    except EvscryptError as e:
-        if debug:
-            import traceback  # only here: it costs start-up time of every command
-            traceback.print_exc()
-        click.echo(f"evscrypt: error: {e.message}", err=True)
-        return e.exit_code
-    except Exception as e:  # a bug: still one line unless --debug
-        if debug:
-            import traceback  # only here: it costs start-up time of every command
-            traceback.print_exc()
-        click.echo(f"evscrypt: internal error: {type(e).__name__}: {e} (run with --debug for details)", err=True)
-        return EXIT_INTERNAL
+    except (Exception, KeyboardInterrupt) as e:  # EvscryptError: one line; a bug: one line unless --debug
+        return report_error(e, debug)
 
 
 def entry() -> None:

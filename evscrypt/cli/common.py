@@ -17,6 +17,7 @@ import click
 
 from .. import client
 from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
+from ..entry import warn  # noqa: F401  (one place for the warning format)
 from ..paths import default_runtime_dir, socket_path
 
 if TYPE_CHECKING:
@@ -81,8 +82,6 @@ def table(rows: list[list], headers: list[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def warn(msg: str) -> None:
-    click.echo(f"evscrypt: warning: {msg}", err=True)
 
 
 def progress_bar(length: int, label: str):

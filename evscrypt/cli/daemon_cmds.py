@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from .. import client
+from .. import client, entry
 from ..errors import DaemonUnavailable
 from ..paths import socket_path
-from .common import Env, emit_json, human_size, pass_env, table, warn
+from .common import Env, emit_json, human_size, pass_env, table
 
 
 @click.command()
@@ -35,12 +35,7 @@ def attach(env: Env, name, mount_dir, mkfs):
     """Attach volume NAME: unwrap its key and expose it as a disk file."""
     if mkfs and not mount_dir:
         raise click.UsageError("--mkfs needs --mount")
-    r = client.call(socket_path(env.runtime), "attach", name=name,
-                    mount=str(mount_dir.absolute()) if mount_dir else None, mkfs=mkfs)
-    click.echo(r["path"])
-    if r.get("mount"):
-        m = r["mount"]
-        click.echo(f"mounted {m['fstype']} on {m['loop']} at {m['mountpoint']}", err=True)
+    entry.attach(env.runtime, name, str(mount_dir.absolute()) if mount_dir else None, mkfs)
 
 
 @click.command()
@@ -49,10 +44,7 @@ def attach(env: Env, name, mount_dir, mkfs):
 @pass_env
 def detach(env: Env, name, force):
     """Detach volume NAME: unmount, flush, and wipe its key from memory."""
-    r = client.call(socket_path(env.runtime), "detach", name=name, force=force)
-    for w in r.get("warnings", []):
-        warn(w)
-    click.echo(f"detached {name}")
+    entry.detach(env.runtime, name, force)
 
 
 @click.command()
