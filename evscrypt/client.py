@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
-from pathlib import Path
 
 from . import protocol
 from .errors import DaemonUnavailable, ProtocolError
@@ -13,7 +13,7 @@ from .errors import DaemonUnavailable, ProtocolError
 DEFAULT_TIMEOUT = 600.0
 
 
-def _connect(s: socket.socket, sock_path: Path, timeout: float) -> None:
+def _connect(s: socket.socket, sock_path: str | os.PathLike, timeout: float) -> None:
     """connect(), waiting while the daemon's listen backlog is full: with a
     timeout set the socket is non-blocking, and a full backlog is EAGAIN."""
     deadline = time.monotonic() + min(timeout, 30.0)
@@ -29,7 +29,7 @@ def _connect(s: socket.socket, sock_path: Path, timeout: float) -> None:
             delay = min(delay * 2, 0.5)
 
 
-def call(sock_path: Path, op: str, timeout: float = DEFAULT_TIMEOUT, **args):
+def call(sock_path: str | os.PathLike, op: str, timeout: float = DEFAULT_TIMEOUT, **args):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:

@@ -23,9 +23,9 @@ EXIT_INTERRUPTED = 130
 
 def attach(runtime, name: str, mount: str | None = None, mkfs: str | None = None) -> None:
     from .client import call
-    from .paths import socket_path
+    from .paths import socket_name
 
-    r = call(socket_path(runtime), "attach", name=name, mount=mount, mkfs=mkfs)
+    r = call(socket_name(os.fspath(runtime)), "attach", name=name, mount=mount, mkfs=mkfs)
     print(r["path"], flush=True)
     if r.get("mount"):
         m = r["mount"]
@@ -34,9 +34,9 @@ def attach(runtime, name: str, mount: str | None = None, mkfs: str | None = None
 
 def detach(runtime, name: str, force: bool = False) -> None:
     from .client import call
-    from .paths import socket_path
+    from .paths import socket_name
 
-    r = call(socket_path(runtime), "detach", name=name, force=force)
+    r = call(socket_name(os.fspath(runtime)), "detach", name=name, force=force)
     for w in r.get("warnings", []):
         warn(w)
     print(f"detached {name}", flush=True)
@@ -72,10 +72,10 @@ def quick(argv: list[str]) -> int | None:
     anything else (or EVSCRYPT_DEBUG is set), for the full CLI to handle."""
     if len(argv) != 2 or argv[0] not in QUICK or argv[1].startswith("-") or os.environ.get("EVSCRYPT_DEBUG"):
         return None
-    from .paths import default_runtime_dir
+    from .paths import runtime_dir_name
 
     try:
-        QUICK[argv[0]](default_runtime_dir(), argv[1])
+        QUICK[argv[0]](runtime_dir_name(), argv[1])
         return 0
     except (Exception, KeyboardInterrupt) as e:
         return report_error(e, debug=False)
