@@ -1,4 +1,9 @@
-"""The EVP fast path is byte-identical to the per-sector reference."""
+"""The EVP (OpenSSL) fast path is byte-identical to the per-sector reference.
+
+Where the CPU has VAES, SectorCipher picks the VAES path by default
+(tests/test_xts_vaes.py); this module pins the EVP path with
+EVSCRYPT_XTS=evp so that it stays tested on such machines too.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evscrypt.crypto import evp
+from evscrypt.crypto import evp, vaes
 from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt
 from evscrypt.secret import Secret
 
 pytestmark = pytest.mark.skipif(not evp.available(), reason="libcrypto is not loadable")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _pin_evp():
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("EVSCRYPT_XTS", "evp")
+        yield
+
+
 def test_fast_path_is_used_by_default_and_can_be_turned_off(monkeypatch):
+    monkeypatch.delenv("EVSCRYPT_XTS")
+    assert SectorCipher(Secret.random(64)).path == ("vaes" if vaes.available() else "evp")
+    monkeypatch.setenv("EVSCRYPT_XTS", "evp")
     assert SectorCipher(Secret.random(64)).path == "evp"
     monkeypatch.setenv("EVSCRYPT_XTS", "reference")
     assert SectorCipher(Secret.random(64)).path == "cryptography"
@@ -76,7 +91,7 @@ def test_c_loop_is_built_and_matches_the_ctypes_loop(monkeypatch):
         assert bytes(c_out) == expect == bytes(ctypes_out), first
 
 
-@pytest.mark.parametrize("impl", ["c", "ctypes", "reference"])
+@pytest.mark.parametrize("impl", ["vaes", "c", "ctypes", "reference"])
 @pytest.mark.parametrize("n,in_place", [(1, True), (7, False), (7, True), (300, True), (300, False)])
 def test_skip_zero_leaves_zero_sectors_and_decrypts_the_rest(monkeypatch, impl, n, in_place):
     """decrypt_into(skip_zero=True), the engine's read path: all-zero sectors
@@ -85,6 +100,10 @@ def test_skip_zero_leaves_zero_sectors_and_decrypts_the_rest(monkeypatch, impl, 
     split between cores (300 sectors)."""
     if impl == "ctypes":
         monkeypatch.setattr(evp, "_xtsloop", None)
+    if impl == "vaes":
+        if not vaes.available():
+            pytest.skip("this CPU has no VAES/AVX-512")
+        monkeypatch.setenv("EVSCRYPT_XTS", "vaes")
     if impl == "reference":
         monkeypatch.setenv("EVSCRYPT_XTS", "reference")
     key = Secret.random(64)
@@ -100,7 +119,7 @@ def test_skip_zero_leaves_zero_sectors_and_decrypts_the_rest(monkeypatch, impl, 
         sector = bytes(src[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE])
         expect += sector if i in zero else reference_crypt(raw, first + i, sector, False)
     c = SectorCipher(key)
-    assert c.path == ("cryptography" if impl == "reference" else "evp")
+    assert c.path == {"reference": "cryptography", "vaes": "vaes"}.get(impl, "evp")
     if in_place:
         out = src
     else:

@@ -1,0 +1,407 @@
+/*
+ * XTS-AES-256 on VAES and AVX-512: sixteen AES blocks per loop turn.
+ *
+ * OpenSSL 3.0 (Debian 12's libcrypto) runs XTS on 128-bit AES-NI, about
+ * 4.6 GB/s per core here; that is the whole encryption cost of a 1 MiB
+ * request, and on two cores it caps encrypted I/O at about two thirds of
+ * unencrypted.  CPUs from Ice Lake on run AES on four blocks per instruction
+ * (VAES on 512-bit registers), and carry-less multiplication likewise
+ * (VPCLMULQDQ), which computes the XTS tweaks four at a time.  This module
+ * uses them when the CPU and the kernel offer them; evp.py falls back to the
+ * OpenSSL loop otherwise.
+ *
+ * The cipher is plain XTS (IEEE 1619) over whole 16-byte blocks: no
+ * ciphertext stealing, as dm-crypt sectors never need it.  The sector's
+ * tweak is computed as in _xtsloop.c, mirroring evscrypt.crypto.xts.tweak():
+ * (first_sector + i) * iv_per_sector, a 16-byte little-endian integer (the
+ * caller refuses sector numbers whose tweak would not fit).
+ *
+ * The expanded keys live in a buffer the caller owns (xts.py keeps it in a
+ * locked, wiped Secret); this module keeps no key material of its own and
+ * clears the vector registers before it returns.  Every path is tested
+ * against the NIST and IEEE vectors and the per-sector reference.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Round keys: 15 for encryption with key 1, 15 for decryption with key 1,
+ * 15 for encryption with key 2 (the tweak key). */
+#define ROUNDS 14
+#define SCHED_SIZE (3 * (ROUNDS + 1) * 16)
+#define GIL_KEEP_SECTORS 4
+
+#define TARGET __attribute__((target("aes,sse4.1,avx2,avx512f,avx512bw,avx512vl,vaes,vpclmulqdq")))
+
+static int
+cpu_supported(void)
+{
+    __builtin_cpu_init();
+    /* libgcc checks XCR0 too: the kernel must save the AVX-512 state */
+    return __builtin_cpu_supports("aes") && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("vaes") && __builtin_cpu_supports("vpclmulqdq");
+}
+
+/* Registers may still hold tweaks and round keys: clear them. */
+TARGET static void
+clear_vectors(void)
+{
+    _mm256_zeroall();
+}
+
+/* ---- key expansion (Intel's AES-NI white paper, AES-256) ---- */
+
+TARGET static inline __m128i
+expand_a(__m128i a, __m128i assist)
+{
+    assist = _mm_shuffle_epi32(assist, 0xff);
+    __m128i t = _mm_slli_si128(a, 4);
+    a = _mm_xor_si128(a, t);
+    t = _mm_slli_si128(t, 4);
+    a = _mm_xor_si128(a, t);
+    t = _mm_slli_si128(t, 4);
+    a = _mm_xor_si128(a, t);
+    return _mm_xor_si128(a, assist);
+}
+
+TARGET static inline __m128i
+expand_b(__m128i a, __m128i c)
+{
+    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(a, 0), 0xaa);
+    __m128i t = _mm_slli_si128(c, 4);
+    c = _mm_xor_si128(c, t);
+    t = _mm_slli_si128(t, 4);
+    c = _mm_xor_si128(c, t);
+    t = _mm_slli_si128(t, 4);
+    c = _mm_xor_si128(c, t);
+    return _mm_xor_si128(c, assist);
+}
+
+#define EXPAND_STEP(i, rcon)                                                  \
+    do {                                                                      \
+        a = expand_a(a, _mm_aeskeygenassist_si128(c, rcon));                  \
+        rk[i] = a;                                                            \
+        if ((i) + 1 <= ROUNDS) {                                              \
+            c = expand_b(a, c);                                               \
+            rk[(i) + 1] = c;                                                  \
+        }                                                                     \
+    } while (0)
+
+TARGET static void
+expand256(const unsigned char *key, __m128i *rk)
+{
+    __m128i a = _mm_loadu_si128((const __m128i *)key);
+    __m128i c = _mm_loadu_si128((const __m128i *)(key + 16));
+    rk[0] = a;
+    rk[1] = c;
+    EXPAND_STEP(2, 0x01);
+    EXPAND_STEP(4, 0x02);
+    EXPAND_STEP(6, 0x04);
+    EXPAND_STEP(8, 0x08);
+    EXPAND_STEP(10, 0x10);
+    EXPAND_STEP(12, 0x20);
+    EXPAND_STEP(14, 0x40);
+}
+
+TARGET static void
+expand_all(const unsigned char *key64, unsigned char *sched)
+{
+    __m128i ek[ROUNDS + 1], dk[ROUNDS + 1], tk[ROUNDS + 1];
+    expand256(key64, ek);
+    expand256(key64 + 32, tk);
+    dk[0] = ek[ROUNDS];
+    for (int r = 1; r < ROUNDS; r++)
+        dk[r] = _mm_aesimc_si128(ek[ROUNDS - r]);
+    dk[ROUNDS] = ek[0];
+    memcpy(sched, ek, sizeof ek);
+    memcpy(sched + sizeof ek, dk, sizeof dk);
+    memcpy(sched + 2 * sizeof ek, tk, sizeof tk);
+    /* the copies on this stack frame */
+    __m128i z = _mm_setzero_si128();
+    for (int r = 0; r <= ROUNDS; r++) {
+        ((volatile __m128i *)ek)[r] = z;
+        ((volatile __m128i *)dk)[r] = z;
+        ((volatile __m128i *)tk)[r] = z;
+    }
+    clear_vectors();
+}
+
+/* ---- tweaks ---- */
+
+/* t * alpha in GF(2^128), IEEE 1619 bit order */
+TARGET static inline __m128i
+mul_alpha(__m128i t)
+{
+    uint64_t lo = (uint64_t)_mm_cvtsi128_si64(t), hi = (uint64_t)_mm_extract_epi64(t, 1);
+    uint64_t carry = hi >> 63;
+    hi = (hi << 1) | (lo >> 63);
+    lo = (lo << 1) ^ (0x87 & (0 - carry));
+    return _mm_set_epi64x((long long)hi, (long long)lo);
+}
+
+/* Each 128-bit lane times alpha^k, 0 < k <= 56: a 128-bit shift, and the
+ * bits shifted out folded back in by carry-less multiplication with 0x87. */
+TARGET static inline __m512i
+mul_alpha_k(__m512i t, int k, __m512i poly)
+{
+    __m512i shifted = _mm512_or_si512(_mm512_slli_epi64(t, k),
+                                      _mm512_srli_epi64(_mm512_bslli_epi128(t, 8), 64 - k));
+    __m512i top = _mm512_srli_epi64(_mm512_bsrli_epi128(t, 8), 64 - k);
+    return _mm512_xor_si512(shifted, _mm512_clmulepi64_epi128(top, poly, 0x00));
+}
+
+TARGET static inline __m128i
+aes_enc1(__m128i x, const __m128i *rk)
+{
+    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
+    for (int r = 1; r < ROUNDS; r++)
+        x = _mm_aesenc_si128(x, _mm_loadu_si128(rk + r));
+    return _mm_aesenclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
+}
+
+TARGET static inline __m128i
+aes_dec1(__m128i x, const __m128i *rk)
+{
+    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
+    for (int r = 1; r < ROUNDS; r++)
+        x = _mm_aesdec_si128(x, _mm_loadu_si128(rk + r));
+    return _mm_aesdeclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
+}
+
+/* Registers of four blocks each in flight per loop turn: enough independent
+ * AES chains to cover the instruction's latency. */
+#ifndef WAYS
+#define WAYS 4
+#endif
+#define BLOCKS_PER_TURN (4 * WAYS)
+
+/* One data unit of `len` bytes (a multiple of 16) with a 16-byte tweak. */
+TARGET static void
+crypt_unit(const unsigned char *sched, const unsigned char *tweak16, const unsigned char *in,
+           unsigned char *out, size_t len, int enc)
+{
+    const __m128i *ek = (const __m128i *)sched;
+    const __m128i *dk = ek + (ROUNDS + 1);
+    const __m128i *tk = dk + (ROUNDS + 1);
+    const __m128i *ck = enc ? ek : dk;
+    __m128i t = aes_enc1(_mm_loadu_si128((const __m128i *)tweak16), tk);
+    size_t nblocks = len / 16, j = 0;
+
+    if (nblocks >= BLOCKS_PER_TURN) {
+        __m512i k[ROUNDS + 1], w[WAYS], x[WAYS];
+        for (int r = 0; r <= ROUNDS; r++)
+            k[r] = _mm512_broadcast_i32x4(_mm_loadu_si128(ck + r));
+        const __m512i poly = _mm512_set1_epi64(0x87);
+        __m128i t1 = mul_alpha(t), t2 = mul_alpha(t1), t3 = mul_alpha(t2);
+        w[0] = _mm512_inserti32x4(_mm512_castsi128_si512(t), t1, 1);
+        w[0] = _mm512_inserti32x4(w[0], t2, 2);
+        w[0] = _mm512_inserti32x4(w[0], t3, 3);
+        for (int v = 1; v < WAYS; v++)
+            w[v] = mul_alpha_k(w[v - 1], 4, poly);
+        for (; j + BLOCKS_PER_TURN <= nblocks; j += BLOCKS_PER_TURN) {
+            const unsigned char *p = in + j * 16;
+            unsigned char *q = out + j * 16;
+#pragma GCC unroll 8
+            for (int v = 0; v < WAYS; v++)
+                x[v] = _mm512_xor_si512(_mm512_xor_si512(_mm512_loadu_si512(p + 64 * v), w[v]), k[0]);
+            if (enc) {
+                for (int r = 1; r < ROUNDS; r++)
+#pragma GCC unroll 8
+                    for (int v = 0; v < WAYS; v++)
+                        x[v] = _mm512_aesenc_epi128(x[v], k[r]);
+#pragma GCC unroll 8
+                for (int v = 0; v < WAYS; v++)
+                    x[v] = _mm512_aesenclast_epi128(x[v], k[ROUNDS]);
+            } else {
+                for (int r = 1; r < ROUNDS; r++)
+#pragma GCC unroll 8
+                    for (int v = 0; v < WAYS; v++)
+                        x[v] = _mm512_aesdec_epi128(x[v], k[r]);
+#pragma GCC unroll 8
+                for (int v = 0; v < WAYS; v++)
+                    x[v] = _mm512_aesdeclast_epi128(x[v], k[ROUNDS]);
+            }
+#pragma GCC unroll 8
+            for (int v = 0; v < WAYS; v++) {
+                _mm512_storeu_si512(q + 64 * v, _mm512_xor_si512(x[v], w[v]));
+                w[v] = mul_alpha_k(w[v], BLOCKS_PER_TURN, poly);
+            }
+        }
+        t = _mm512_castsi512_si128(w[0]); /* the tweak of block j */
+        /* the broadcast round keys and tweaks on this frame */
+        for (int r = 0; r <= ROUNDS; r++)
+            ((volatile __m512i *)k)[r] = _mm512_setzero_si512();
+        for (int v = 0; v < WAYS; v++)
+            ((volatile __m512i *)w)[v] = ((volatile __m512i *)x)[v] = _mm512_setzero_si512();
+    }
+    for (; j < nblocks; j++) {
+        __m128i x = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(in + j * 16)), t);
+        x = enc ? aes_enc1(x, ek) : aes_dec1(x, dk);
+        _mm_storeu_si128((__m128i *)(out + j * 16), _mm_xor_si128(x, t));
+        t = mul_alpha(t);
+    }
+}
+
+/* True if the sector holds only zero bytes (sector is a multiple of 16). */
+static int
+all_zero(const unsigned char *p, Py_ssize_t sector)
+{
+    const unsigned long long *w = (const unsigned long long *)p;
+    for (Py_ssize_t k = 0; k < sector / 8; k++)
+        if (w[k])
+            return 0;
+    return 1;
+}
+
+TARGET static void
+crypt_run(const unsigned char *sched, unsigned __int128 first, unsigned long long iv_mul,
+          const unsigned char *in, unsigned char *out, Py_ssize_t n, Py_ssize_t sector, int enc,
+          int skip_zero)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (skip_zero && all_zero(in + i * sector, sector)) {
+            if (out + i * sector != in + i * sector)
+                memset(out + i * sector, 0, sector);
+            continue;
+        }
+        unsigned __int128 t = (first + (unsigned __int128)i) * iv_mul;
+        unsigned char tw[16];
+        for (int b = 0; b < 16; b++) {
+            tw[b] = (unsigned char)(t & 0xff);
+            t >>= 8;
+        }
+        crypt_unit(sched, tw, in + i * sector, out + i * sector, (size_t)sector, enc);
+    }
+    clear_vectors();
+}
+
+static int supported = -1;
+
+static int
+check_sched(Py_buffer *sched)
+{
+    if (supported != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no VAES/AVX-512");
+        return 0;
+    }
+    if (sched->len != SCHED_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "bad key schedule size");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+py_expand(PyObject *self, PyObject *args)
+{
+    Py_buffer key, sched;
+    if (!PyArg_ParseTuple(args, "y*w*", &key, &sched))
+        return NULL;
+    PyObject *ret = NULL;
+    if (!check_sched(&sched))
+        goto done;
+    if (key.len != 64) {
+        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
+        goto done;
+    }
+    expand_all(key.buf, sched.buf);
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&sched);
+    return ret;
+}
+
+static PyObject *
+py_crypt_sectors(PyObject *self, PyObject *args)
+{
+    Py_buffer sched, src, dst;
+    unsigned long long first_lo, first_hi, iv_mul;
+    Py_ssize_t sector;
+    int enc, skip_zero = 0;
+    if (!PyArg_ParseTuple(args, "y*KKKy*w*ni|p", &sched, &first_lo, &first_hi, &iv_mul, &src, &dst, &sector,
+                          &enc, &skip_zero))
+        return NULL;
+    PyObject *ret = NULL;
+    if (!check_sched(&sched))
+        goto done;
+    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
+        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
+        goto done;
+    }
+    Py_ssize_t n = src.len / sector;
+    unsigned __int128 first = ((unsigned __int128)first_hi << 64) | first_lo;
+    if (n > GIL_KEEP_SECTORS) {
+        Py_BEGIN_ALLOW_THREADS
+        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero);
+        Py_END_ALLOW_THREADS
+    } else {
+        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero);
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&sched);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *
+py_crypt_unit(PyObject *self, PyObject *args)
+{
+    Py_buffer sched, tweak, src, dst;
+    int enc;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*i", &sched, &tweak, &src, &dst, &enc))
+        return NULL;
+    PyObject *ret = NULL;
+    if (!check_sched(&sched))
+        goto done;
+    if (tweak.len != 16 || src.len % 16 || dst.len < src.len) {
+        PyErr_SetString(PyExc_ValueError, "need a 16-byte tweak and whole 16-byte blocks");
+        goto done;
+    }
+    crypt_unit(sched.buf, tweak.buf, src.buf, dst.buf, (size_t)src.len, enc);
+    clear_vectors();
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&sched);
+    PyBuffer_Release(&tweak);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"expand", py_expand, METH_VARARGS,
+     "expand(key64, sched)\n\nFill sched (SCHED_SIZE bytes) with the round keys of a 64-byte XTS key."},
+    {"crypt_sectors", py_crypt_sectors, METH_VARARGS,
+     "crypt_sectors(sched, first_lo, first_hi, iv_per_sector, src, dst, sector_size, enc, skip_zero=False)\n\n"
+     "The first sector number is first_hi * 2**64 + first_lo; tweaks wrap at 2**128.\n"
+     "With skip_zero, all-zero sectors of src are not run through the cipher: they come out as zeros."},
+    {"crypt_unit", py_crypt_unit, METH_VARARGS,
+     "crypt_unit(sched, tweak16, src, dst, enc)\n\nOne XTS data unit (whole blocks) with an explicit tweak."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_xtsvaes", NULL, -1, methods};
+
+PyMODINIT_FUNC
+PyInit__xtsvaes(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    supported = cpu_supported();
+    if (PyModule_AddIntConstant(m, "SCHED_SIZE", SCHED_SIZE) < 0 ||
+        PyModule_AddObject(m, "SUPPORTED", PyBool_FromLong(supported)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
