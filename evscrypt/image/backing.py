@@ -27,6 +27,23 @@ def storage_error(e: OSError, what: str):
     return StorageError(f"{what}: {os.strerror(e.errno) if e.errno else e}")
 
 
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytearray.restype = ctypes.py_object
+#: Below this, ``bytearray(n)`` (which zero-fills) is as quick as the ctypes call.
+UNFILLED_MIN = 64 * 1024
+
+
+def read_buffer(n: int) -> bytearray:
+    """A bytearray for :func:`pread_into` to fill, without the zero fill.
+
+    ``bytearray(n)`` clears the memory first, about 5% of the CPU time of
+    1 MiB reads.  pread_into writes every byte of the buffer (file data,
+    or zeros past the end of the file) or raises, in which case the buffer
+    is dropped, so nothing stale is ever returned."""
+    return _new_bytearray(None, n) if n >= UNFILLED_MIN else bytearray(n)
+
+
 def pread_into(fd: int, buf, offset: int) -> None:
     """Fill ``buf`` from ``offset``; bytes past the end of the file read as zero."""
     n = os.preadv(fd, [buf], offset)

@@ -21,7 +21,7 @@ from ..crypto.xts import SECTOR_SIZE, SectorCipher
 from ..errors import OutOfRange
 from ..parallel import MIN_PART_SECTORS, split_run
 from . import geometry
-from .backing import pread_into, punch_hole, pwrite_all
+from .backing import pread_into, punch_hole, pwrite_all, read_buffer
 
 ZERO_SECTOR = bytes(SECTOR_SIZE)
 LOCK_STRIPES = 64
@@ -84,8 +84,8 @@ class Engine:
 
     # -- sector level --------------------------------------------------------
     def _read_sectors(self, first: int, count: int) -> bytearray:
-        buf = bytearray(count * SECTOR_SIZE)
-        if count < 2 * MIN_PART_SECTORS:  # the common case: no split, no closure
+        buf = read_buffer(count * SECTOR_SIZE)  # _read_run fills every byte
+        if count < 2 * MIN_PART_SECTORS or not (self.cipher and self.cipher.splits):  # no split, no closure
             self._read_run(first, buf)
             return buf
         mv = memoryview(buf)
@@ -105,7 +105,7 @@ class Engine:
             pwrite_all(self.fd, plain, geometry.sector_to_backing(self.data_offset, first))
             return
         data = _scratch(len(plain))
-        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE:  # the common case: no split, no closure
+        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE or not self.cipher.splits:  # no split, no closure
             self.cipher.encrypt_into(first, plain, data)
             pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
             return
@@ -126,7 +126,7 @@ class Engine:
         if length == 0:
             return b""
         if self.cipher is None:
-            buf = bytearray(length)
+            buf = read_buffer(length)
             pread_into(self.fd, buf, self.data_offset + offset)
             return buf
         sp = geometry.span(offset, length)
