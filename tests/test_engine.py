@@ -402,3 +402,30 @@ def test_large_requests_split_only_on_the_evp_path(tmp_path, monkeypatch, path):
         assert calls == ([256, 256] if path == "evp" else [])
     finally:
         im.close()
+
+
+def test_whole_sector_fast_path(img):
+    """One aligned 4 KiB sector takes a shorter path in read and write: it
+    must store the reference ciphertext, read back, read unwritten sectors
+    as zeros, refuse out-of-range sectors, and take the same sector lock as
+    every other request on that sector."""
+    eng = img.eng
+    shadow = bytearray(SIZE)
+    for n in (0, NSECT - 1, 3):
+        data = os.urandom(SECTOR_SIZE)
+        assert eng.write(n * SECTOR_SIZE, data) == SECTOR_SIZE
+        shadow[n * SECTOR_SIZE:(n + 1) * SECTOR_SIZE] = data
+        assert bytes(eng.read(n * SECTOR_SIZE, SECTOR_SIZE)) == data
+    assert bytes(eng.read(SECTOR_SIZE, SECTOR_SIZE)) == ZERO
+    check_backing(img.fd, img.key, DATA_OFFSET, shadow)
+    for off in (SIZE, -SECTOR_SIZE):
+        with pytest.raises(OutOfRange):
+            eng.write(off, ZERO)
+        with pytest.raises(OutOfRange):
+            eng.read(off, SECTOR_SIZE)
+    for n in (0, 5, 64 + 5):
+        held = eng._locks.acquire(n, 1)
+        try:
+            assert eng._locks.one(n) is held[0] and held[0].locked()
+        finally:
+            eng._locks.release(held)

@@ -119,7 +119,9 @@ class EvpXts:
             _xtsloop.crypt_sectors(ctx, _INIT, _UPDATE, first_sector, self._ivmul, src, dst, self._sector, enc,
                                    skip_zero)
             return
-        n = len(src) // self._sector
+        n, rest = divmod(len(src), self._sector)
+        if rest or len(dst) < len(src):
+            raise ValueError("buffers must hold whole sectors")
         src_addr, keep_s = _addr(src)
         dst_addr, keep_d = _addr(dst, writable=True)
         iv = ctypes.create_string_buffer(16)

@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - not x86-64, or no compiler at install 
     _xtsvaes = None
 
 _MASK64 = (1 << 64) - 1
+_crypt_sectors = _xtsvaes.crypt_sectors if _xtsvaes is not None else None
 
 
 def available() -> bool:
@@ -36,22 +37,23 @@ class VaesXts:
             raise OSError("this CPU has no VAES/AVX-512")
         self._sched = Secret(_xtsvaes.SCHED_SIZE)
         _xtsvaes.expand(key_view, self._sched.buffer)
+        self._buf: bytearray | None = self._sched.buffer  # None once closed
         self._sector = sector_size
         self._ivmul = iv_per_sector
 
     def crypt_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool = False) -> None:
         """Run the sectors of src through the cipher into dst.  With
         skip_zero, all-zero sectors are not: they come out as zeros."""
-        try:
-            sched = self._sched.buffer
-        except ValueError:
-            raise ValueError("cipher is closed") from None
-        if (first_sector + len(src) // self._sector) * self._ivmul >> 128:
+        sched = self._buf
+        if sched is None:
+            raise ValueError("cipher is closed")
+        if first_sector >> 60 and (first_sector + len(src) // self._sector) * self._ivmul >> 128:
             raise OverflowError("sector number out of the tweak's range")
-        _xtsvaes.crypt_sectors(sched, first_sector & _MASK64, first_sector >> 64, self._ivmul, src, dst,
-                               self._sector, encrypt, skip_zero)
+        _crypt_sectors(sched, first_sector & _MASK64, first_sector >> 64, self._ivmul, src, dst, self._sector,
+                       encrypt, skip_zero)
 
     def close(self) -> None:
+        self._buf = None
         self._sched.wipe()
 
     def __repr__(self) -> str:

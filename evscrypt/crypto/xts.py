@@ -28,6 +28,8 @@ CIPHER_NAME = "aes-xts-plain64"
 
 
 _ZERO_SECTOR = bytes(SECTOR_SIZE)
+#: Requests this large are split across the cores on the EVP path.
+_SPLIT_BYTES = 2 * MIN_PART_SECTORS * SECTOR_SIZE
 
 
 def tweak(sector: int) -> bytes:
@@ -82,6 +84,7 @@ class SectorCipher:
             self._fast, self._path = vaes.VaesXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR), "vaes"
         elif choice != "reference" and evp.available():
             self._fast, self._path = evp.EvpXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR), "evp"
+        self._whole = self._path != "evp"  # requests run whole, never split (see splits)
 
     @property
     def splits(self) -> bool:
@@ -91,7 +94,7 @@ class SectorCipher:
         splitting a 1 MiB request pays at queue depth 1 (+10%); on the VAES
         path one part's AES is so short that the hand-over to the other
         core costs more than it saves (1M reads at QD32: -10 to -40%)."""
-        return self._path == "evp"
+        return not self._whole
 
     @property
     def path(self) -> str:
@@ -106,7 +109,7 @@ class SectorCipher:
             raise ValueError("cipher is closed")
         if self._fast is not None:
             fast = self._fast
-            if n < 2 * MIN_PART_SECTORS or self._path != "evp":  # no split, no closure
+            if n < 2 * MIN_PART_SECTORS or self._whole:  # no split, no closure
                 fast.crypt_into(first_sector, src, dst, encrypt, skip_zero)
                 return
             src, dst = memoryview(src), memoryview(dst)
@@ -129,6 +132,10 @@ class SectorCipher:
             ctx.finalize()
 
     def encrypt_into(self, first_sector: int, src, dst) -> None:
+        fast = self._fast
+        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+            fast.crypt_into(first_sector, src, dst, True)  # the common case, straight to C
+            return
         self._crypt_into(first_sector, src, dst, True)
 
     def decrypt_into(self, first_sector: int, src, dst, skip_zero: bool = False) -> None:
@@ -136,6 +143,10 @@ class SectorCipher:
         are all zeros are not decrypted and come out as zeros: the engine
         stores an unwritten sector as zeros, and this way one call (one pass,
         in C on the fast path) handles a run that mixes both."""
+        fast = self._fast
+        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+            fast.crypt_into(first_sector, src, dst, False, skip_zero)  # the common case, straight to C
+            return
         self._crypt_into(first_sector, src, dst, False, skip_zero)
 
     def encrypt(self, first_sector: int, data) -> bytearray:

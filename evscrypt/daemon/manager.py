@@ -120,6 +120,23 @@ class Attachment:
             c.discards += discards
             c.errors += errors
 
+    def read_done(self, nbytes: int) -> None:
+        """io_done for a read that succeeded: the 4 KiB path's short form."""
+        with self.lock:
+            self.inflight -= 1
+            c = self.counters
+            c.reads += 1
+            c.bytes_read += nbytes
+
+    def write_done(self, nbytes: int) -> None:
+        """io_done for a write that succeeded (an empty one counts no write)."""
+        with self.lock:
+            self.inflight -= 1
+            if nbytes:
+                c = self.counters
+                c.writes += 1
+                c.bytes_written += nbytes
+
     def mark_detached(self) -> None:
         with self.lock:
             self.detached = True

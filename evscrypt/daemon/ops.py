@@ -233,18 +233,16 @@ class Operations(pyfuse3.Operations):
 
     def _read(self, fh, off, size):
         v = self._begin(fh)
-        n = errors = 0
         try:
-            if off >= v.size or size <= 0:
-                return b""
-            n = min(size, v.size - off)
-            try:
-                return v.engine.read(off, n)
-            except (EvscryptError, OSError) as e:
-                errors, n = 1, 0
-                raise self._error(v, e) from None
-        finally:
-            v.io_done(reads=1 - errors, bytes_read=n, errors=errors)
+            data = v.engine.read(off, min(size, v.size - off)) if 0 <= off < v.size and size > 0 else b""
+        except (EvscryptError, OSError) as e:
+            v.io_done(errors=1)
+            raise self._error(v, e) from None
+        except BaseException:
+            v.io_done()
+            raise
+        v.read_done(len(data))
+        return data
 
     def write_sync(self, fh, off, buf):
         v = self._begin(fh)
@@ -265,16 +263,19 @@ class Operations(pyfuse3.Operations):
 
     def _write(self, v: Attachment, off: int, buf) -> int:
         """Write with the request counted in and the gate entered; leave both."""
-        n = errors = 0
         try:
             n = v.engine.write(off, buf)
-            return n
         except (EvscryptError, OSError) as e:
-            errors = 1
-            raise self._error(v, e) from None
-        finally:
             v.gate.leave()
-            v.io_done(writes=1 if n else 0, bytes_written=n, errors=errors)
+            v.io_done(errors=1)
+            raise self._error(v, e) from None
+        except BaseException:
+            v.gate.leave()
+            v.io_done()
+            raise
+        v.gate.leave()
+        v.write_done(n)
+        return n
 
     async def write(self, fh, off, buf):
         """A write that found the gate closed: wait for it here, then write
