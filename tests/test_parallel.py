@@ -71,3 +71,24 @@ def test_nested_and_concurrent_runs_do_not_split(monkeypatch):
 
     split_run(4 * MIN_PART_SECTORS, outer)
     assert len(inner) == 1 and inner[0][:2] == (0, 4 * MIN_PART_SECTORS)
+
+
+def test_a_run_does_not_split_while_another_is_in_progress(monkeypatch):
+    """With one run in progress in another thread (split or not), a new run
+    goes whole: at high queue depths splitting only queues for the pool."""
+    monkeypatch.setattr(parallel, "_CPUS", 2)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(lo, hi):
+        started.set()
+        release.wait(10)
+
+    t = threading.Thread(target=split_run, args=(MIN_PART_SECTORS, slow))  # too small to split: runs whole
+    t.start()
+    try:
+        assert started.wait(10)
+        assert record_parts(4 * MIN_PART_SECTORS) == [(0, 4 * MIN_PART_SECTORS, threading.current_thread().name)]
+    finally:
+        release.set()
+        t.join()
+    assert len(record_parts(4 * MIN_PART_SECTORS)) == 2  # alone again: splits

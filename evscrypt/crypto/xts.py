@@ -88,12 +88,14 @@ class SectorCipher:
 
     @property
     def splits(self) -> bool:
-        """Whether large requests should be split across the cores.
+        """Whether large reads (and this cipher's own large calls) should be
+        split across the cores.
 
         Measured with fio on two cores: on the EVP path (~4.6 GB/s per core)
-        splitting a 1 MiB request pays at queue depth 1 (+10%); on the VAES
+        splitting a 1 MiB read pays at queue depth 1 (+10%); on the VAES
         path one part's AES is so short that the hand-over to the other
-        core costs more than it saves (1M reads at QD32: -10 to -40%)."""
+        core costs as much as it saves.  (Large writes split on every path:
+        see Engine._write_sectors.)"""
         return not self._whole
 
     @property

@@ -109,7 +109,10 @@ class Engine:
             pwrite_all(self.fd, plain, geometry.sector_to_backing(self.data_offset, first))
             return
         data = _scratch(len(plain))
-        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE or not self.cipher.splits:  # no split, no closure
+        # Large writes split on every path: while one part's ciphertext goes
+        # to the image, the other part is encrypted (pwrites to one file take
+        # its inode lock in turn).  Reads split only where SectorCipher.splits.
+        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE:  # no split, no closure
             self.cipher.encrypt_into(first, plain, data)
             pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
             return
