@@ -400,6 +400,12 @@ def test_large_reads_split_only_on_the_evp_path(tmp_path, monkeypatch, path):
         shadow = bytes(10 * SECTOR_SIZE) + data + bytes(34 * SECTOR_SIZE)
         check_backing(im.fd, im.key, DATA_OFFSET, shadow)
         assert calls == ([256, 256] if path == "evp" else [256])  # the write, then the read
+        # split=False (the daemon's choice when other requests are in flight)
+        calls.clear()
+        im.eng.write(10 * SECTOR_SIZE, data, split=False)
+        assert bytes(im.eng.read(10 * SECTOR_SIZE, len(data), split=False)) == data
+        check_backing(im.fd, im.key, DATA_OFFSET, shadow)
+        assert calls == []
     finally:
         im.close()
 

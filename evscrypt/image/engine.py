@@ -87,9 +87,9 @@ class Engine:
             raise OutOfRange(f"range {offset}+{length} lies outside the volume ({self.size} bytes)")
 
     # -- sector level --------------------------------------------------------
-    def _read_sectors(self, first: int, count: int) -> bytearray:
+    def _read_sectors(self, first: int, count: int, split: bool = True) -> bytearray:
         buf = read_buffer(count * SECTOR_SIZE)  # _read_run fills every byte
-        if count < 2 * MIN_PART_SECTORS or not (self.cipher and self.cipher.splits):  # no split, no closure
+        if count < 2 * MIN_PART_SECTORS or not (split and self.cipher and self.cipher.splits):  # no split, no closure
             self._read_run(first, buf)
             return buf
         mv = memoryview(buf)
@@ -104,7 +104,7 @@ class Engine:
         if self.cipher is not None:
             self.cipher.decrypt_into(first, out, out, skip_zero=True)  # unwritten sectors stay zeros
 
-    def _write_sectors(self, first: int, plain) -> None:
+    def _write_sectors(self, first: int, plain, split: bool = True) -> None:
         if self.cipher is None:
             pwrite_all(self.fd, plain, geometry.sector_to_backing(self.data_offset, first))
             return
@@ -112,7 +112,7 @@ class Engine:
         # Large writes split on every path: while one part's ciphertext goes
         # to the image, the other part is encrypted (pwrites to one file take
         # its inode lock in turn).  Reads split only where SectorCipher.splits.
-        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE:  # no split, no closure
+        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE or not split:  # no split, no closure
             self.cipher.encrypt_into(first, plain, data)
             pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
             return
@@ -126,9 +126,11 @@ class Engine:
         split_run(len(plain) // SECTOR_SIZE, part)
 
     # -- byte level ------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes | bytearray:
+    def read(self, offset: int, length: int, split: bool = True) -> bytes | bytearray:
         """The plaintext of a range.  Sector-aligned reads return the engine's
-        own buffer (no copy: at 1 MiB a copy is a visible share of the cost)."""
+        own buffer (no copy: at 1 MiB a copy is a visible share of the cost).
+        ``split=False`` keeps a large request on this thread (the daemon
+        passes it when other requests keep the cores busy)."""
         cipher = self.cipher
         if length == SECTOR_SIZE and not offset % SECTOR_SIZE and cipher is not None \
                 and 0 <= offset <= self.size - SECTOR_SIZE:
@@ -145,12 +147,13 @@ class Engine:
             pread_into(self.fd, buf, self.data_offset + offset)
             return buf
         sp = geometry.span(offset, length)
-        buf = self._read_sectors(sp.first, sp.count)
+        buf = self._read_sectors(sp.first, sp.count, split)
         if sp.aligned:
             return buf
         return bytes(memoryview(buf)[sp.head:sp.head + length])
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data, split: bool = True) -> int:
+        """Write a range; ``split`` as for :meth:`read`."""
         length = len(data)
         cipher = self.cipher
         if length == SECTOR_SIZE and not offset % SECTOR_SIZE and cipher is not None \
@@ -173,7 +176,7 @@ class Engine:
                 # orders it against a partial discard's read-modify-write
                 pwrite_all(self.fd, data, self.data_offset + offset)
             elif sp.aligned:
-                self._write_sectors(sp.first, data)
+                self._write_sectors(sp.first, data, split)
             else:
                 self._rmw(sp, data)
         finally:
