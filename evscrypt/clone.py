@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 from .backup import reader
 from .backup.manifest import CHUNK_SIZE, Manifest
 from .backup.store import BackupStore
+from .catalog import Entry
 from .crypto.xts import SectorCipher
 from .errors import EncryptionRuleError, InvalidArgument
 from .image import header as hdr
@@ -91,13 +92,13 @@ def plan(volumes: VolumeStore, src: Source, want: Want) -> tuple[str, bool]:
     return TRANSCODE, True
 
 
-def _transcode(volumes: VolumeStore, name: str, src: hdr.Header, chunks: Iterable, encrypt: bool,
+def _transcode(volumes: VolumeStore, name: str, src: hdr.Header, entry: Entry, chunks: Iterable, encrypt: bool,
                want: Want, size: int | None, origin: dict, owner: int | None) -> hdr.Header:
     new_size = check_grow(src.size, src.size if size is None else size)
     kms = want.kms or (src.kms_backend if src.encrypted else None) or "local"
     cipher = None
     if src.encrypted:
-        with volumes.unwrap(src) as dk:
+        with volumes.unwrap(entry, src) as dk:
             cipher = SectorCipher(dk)
     try:
         return volumes.create(name, new_size, encrypted=encrypt, kms=kms, key=want.key, origin=origin,
@@ -111,18 +112,18 @@ def from_copy(volumes: VolumeStore, copies: CopyStore, name: str, source: str, w
               size: int | None = None, owner: int | None = None, progress: Progress | None = None) -> hdr.Header:
     """A volume from a snapshot or an image (``copies`` says which)."""
     copies.meta(source)  # NotFound names the snapshot or image
-    src_header = copies.header(source)  # the header, not meta.json, is the authority
+    src_header, entry = copies.header(source)  # the header checked against the catalog, not meta.json
     src = Source(copies.kind, source, src_header.encrypted, src_header.kms_backend, src_header.key_id)
     how, encrypt = plan(volumes, src, want)
     origin = {"type": copies.kind, "source": source}
     if how == COPY:
-        return volumes.create_copy(name, copies.write_image_to(source, progress), origin=origin, size=size,
+        return volumes.create_copy(name, copies.write_image_to(source, progress), entry, origin=origin, size=size,
                                    owner=owner)
     fd = copies.open_image(source)
     try:
         image_size = src_header.data_offset + src_header.size
         chunks = _counted(read_chunks(fd, 0, image_size, CHUNK_SIZE), progress, image_size)
-        return _transcode(volumes, name, src_header, chunks, encrypt, want, size, origin, owner)
+        return _transcode(volumes, name, src_header, entry, chunks, encrypt, want, size, origin, owner)
     finally:
         os.close(fd)
 
@@ -137,6 +138,7 @@ def from_backup(volumes: VolumeStore, store: BackupStore, m: Manifest, name: str
     it = reader.chunks(store, m, progress)
     first = next(it)
     src_header = reader.header_of(m, first[1])
+    entry = Entry.of_image(src_header)  # a backup is outside the catalog: its header (MAC) vouches for it
     chunks = itertools.chain([first], it)
     if how == COPY:
         def write_image(fd: int) -> None:
@@ -144,8 +146,8 @@ def from_backup(volumes: VolumeStore, store: BackupStore, m: Manifest, name: str
                 if data is not None:
                     pwrite_sparse(fd, off, data)
             os.ftruncate(fd, m.image_size)
-        return volumes.create_copy(name, write_image, origin=origin, size=size, owner=owner)
-    return _transcode(volumes, name, src_header, chunks, encrypt, want, size, origin, owner)
+        return volumes.create_copy(name, write_image, entry, origin=origin, size=size, owner=owner)
+    return _transcode(volumes, name, src_header, entry, chunks, encrypt, want, size, origin, owner)
 
 
 def _counted(chunks: Iterable, progress: Progress | None, end: int):

@@ -18,6 +18,7 @@ copies, so the copy is crash-consistent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .catalog import IMAGE, SNAPSHOT, VOLUME, Entry
 from .errors import AlreadyExists, Busy, EncryptionRuleError, EvscryptError, FormatError, NotFound
 from .fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from .image import header as hdr
@@ -48,9 +50,10 @@ _CAPTURE_ATTEMPTS = 3
 
 
 def capture(store: VolumeStore, name: str, dest: Path, online: Online | None,
-            progress: Progress | None = None) -> hdr.Header:
+            progress: Progress | None = None) -> tuple[hdr.Header, Entry]:
     """Copy volume ``name``'s image into the new file ``dest`` at one point in
-    time and return the header that was copied."""
+    time; return the header that was copied, checked against the volume's
+    catalog entry, and that entry."""
     for _ in range(_CAPTURE_ATTEMPTS):
         try:
             with store.locked(name) as op:
@@ -65,10 +68,11 @@ def capture(store: VolumeStore, name: str, dest: Path, online: Online | None,
                     raise storage_error(e, f"cannot copy volume {name!r}")
                 finally:
                     os.close(fd)
-                return op.header
+                return op.header, op.entry
         except Busy:
             if online is None:
                 raise
+        entry = store.catalog.require(VOLUME, name)
         uuid = store.header(name).uuid
         try:
             online(name, dest, uuid)
@@ -79,9 +83,11 @@ def capture(store: VolumeStore, name: str, dest: Path, online: Online | None,
             continue
         fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return hdr.load(fd, str(dest)).header
+            h = hdr.load(fd, str(dest)).header
         finally:
             os.close(fd)
+        entry.check(h, f"the copy of volume {name!r}", done="nothing was kept")
+        return h, entry
     raise Busy(f"volume {name!r} is locked, but not by this host's daemon; try again later")
 
 
@@ -89,10 +95,11 @@ class CopyStore:
     """The snapshots (``kind="snapshot"``) or the images (``kind="image"``) of one state directory."""
 
     def __init__(self, home: Path, kind: str):
-        assert kind in ("snapshot", "image")
+        assert kind in (SNAPSHOT, IMAGE)
         self.kind = kind
         self.home = Path(home)
         self.dir = self.home / f"{kind}s"
+        self.catalog = VolumeStore(self.home).catalog  # the one that adopts on first use
 
     def path(self, name: str) -> Path:
         return self.dir / check_name(name, self.kind)
@@ -155,7 +162,7 @@ class CopyStore:
         tmp.mkdir(mode=0o700)
         try:
             t0 = time.monotonic()
-            h = capture(store, volume, tmp / IMAGE_FILE, online, progress)
+            h, entry = capture(store, volume, tmp / IMAGE_FILE, online, progress)
             meta = {
                 "version": META_VERSION,
                 "kind": self.kind,
@@ -171,7 +178,8 @@ class CopyStore:
             }
             write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
             fsync_dir(tmp)
-            rename_noreplace(tmp, final, f"{self.kind} {name!r}")
+            with store.catalog.adding(self.kind, name, dataclasses.replace(entry, size=h.size)):
+                rename_noreplace(tmp, final, f"{self.kind} {name!r}")
             fsync_dir(self.dir)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,14 +196,17 @@ class CopyStore:
         trash = temp_name(final, "deleting")
         os.rename(final, trash)
         fsync_dir(self.dir)
+        self.catalog.remove(self.kind, name)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def header(self, name: str) -> hdr.Header:
+    def header(self, name: str) -> tuple[hdr.Header, Entry]:
+        """The image's header, checked against its catalog entry, and the entry."""
         fd = self.open_image(name)
         try:
-            return hdr.load(fd, f"{self.kind} {name!r}").header
+            h = hdr.load(fd, f"{self.kind} {name!r}").header
         finally:
             os.close(fd)
+        return h, self.catalog.check(self.kind, name, h)
 
     def open_image(self, name: str) -> int:
         try:
@@ -218,7 +229,7 @@ class CopyStore:
 
 class ImageStore(CopyStore):
     def __init__(self, home: Path):
-        super().__init__(home, "image")
+        super().__init__(home, IMAGE)
 
     def export(self, name: str, dest: Path, progress: Progress | None = None) -> Path:
         """Write the image's disk (the plaintext data area, sparse) to ``dest``
@@ -231,7 +242,7 @@ class ImageStore(CopyStore):
             dest = dest / f"{name}.raw"
         if os.path.lexists(dest):
             raise AlreadyExists(f"{dest} already exists; refusing to overwrite it")
-        h = self.header(name)
+        h, _ = self.header(name)
         if h.encrypted:  # meta.json disagrees with the header: trust the header
             raise EncryptionRuleError(f"image {name!r} is encrypted: encrypted images cannot be exported")
         tmp = temp_name(dest)
@@ -265,7 +276,7 @@ class ImageStore(CopyStore):
 
 
 def snapshots(home: Path) -> CopyStore:
-    return CopyStore(home, "snapshot")
+    return CopyStore(home, SNAPSHOT)
 
 
 def images(home: Path) -> ImageStore:

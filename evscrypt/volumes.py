@@ -1,42 +1,46 @@
 """The volume store: named images under ``<home>/volumes``.
 
 It creates volumes (generating and wrapping the DK), lists and describes them,
-unwraps a volume's DK through its KMS backend and checks the header MAC, and
-deletes volumes that are not attached.  It is the one place that decides the
-encryption context, so every path that wraps or unwraps a DK agrees on it.
+and deletes volumes that are not attached.  It is the one way to open a
+volume (:meth:`VolumeStore.open_volume`): open the image, take its lock,
+read the header under the lock, check it against the catalog, check the
+caller's access, unwrap the DK with the catalog's encryption context and
+verify the header MAC, build the cipher.  The daemon's attach and the
+offline CLI paths all go through it, so none of them can skip a step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import shlex
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, encryption_context
 from .crypto.xts import SECTOR_SIZE, SectorCipher
-from .errors import AlreadyExists, EvscryptError, InvalidArgument, NotFound, StorageError
+from .errors import (
+    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied, StorageError,
+)
 from .fsutil import fsync_dir
 from .image import header as hdr
+from .image import headerfile
 from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
-from .image.engine import Engine
+from .image.engine import PLAINTEXT, Engine
 from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
 from .secret import Secret
 
+log = logging.getLogger("evscrypt.volumes")
+
 #: Largest volume we accept: 64 TiB, far beyond what a sparse file on one
 #: host should carry, and small enough that offsets fit every API.
 MAX_SIZE = 64 << 40
-CONTEXT_UUID = "evscrypt:volume-uuid"
-CONTEXT_NAME = "evscrypt:volume-name"
-
-
-def encryption_context(uuid: str, name: str) -> dict[str, str]:
-    return {CONTEXT_UUID: uuid, CONTEXT_NAME: name}
-
 
 def check_size(size: int) -> int:
     if size <= 0 or size % SECTOR_SIZE:
@@ -56,11 +60,13 @@ def check_grow(old: int, new: int) -> int:
 
 @dataclass
 class Opened:
-    """An open image: its fd and the header as read."""
+    """An open image: its fd, the header as read and the catalog entry it
+    was checked against."""
 
     path: Path
     fd: int
     loaded: hdr.Loaded
+    entry: Entry
 
     @property
     def header(self) -> hdr.Header:
@@ -72,11 +78,37 @@ class Opened:
             self.fd = -1
 
 
+@dataclass
+class OpenVolume(Opened):
+    """A volume opened for I/O: locked, checked, its key unwrapped.
+
+    ``cipher`` is None only for a volume the catalog says is unencrypted.
+    :meth:`close` wipes the keys and leaves the cipher closed (it raises if
+    used), never absent, so nothing can fall back to plaintext."""
+
+    owner: int = 0
+    cipher: SectorCipher | None = None
+    mac_key: Secret | None = None  # reseals the header on resize
+
+    def engine(self) -> Engine:
+        h = self.header
+        return Engine(self.fd, h.size, h.data_offset, self.cipher if self.entry.encrypted else PLAINTEXT,
+                      zero_unwritten=h.zero_unwritten)
+
+    def close(self) -> None:
+        if self.cipher is not None:
+            self.cipher.close()
+        if self.mac_key is not None:
+            self.mac_key.wipe()
+        super().close()
+
+
 class VolumeStore:
     def __init__(self, home: Path):
         self.home = Path(home)
         self.dir = self.home / "volumes"
         self._backends: dict[str, KMSBackend] = {}
+        self.catalog = Catalog(self.home, scan=self._scan)
 
     def backend(self, name: str) -> KMSBackend:
         if name not in self._backends:
@@ -90,41 +122,194 @@ class VolumeStore:
         return self.path(name).exists()
 
     def names(self) -> list[str]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p.name[:-4] for p in self.dir.iterdir() if p.name.endswith(".img") and not p.name.startswith("."))
+        """Volumes with an image, and catalog entries whose image is missing
+        (listed, so that a deleted image does not go unnoticed)."""
+        files = set()
+        if self.dir.is_dir():
+            files = {p.name[:-4] for p in self.dir.iterdir() if p.name.endswith(".img") and not p.name.startswith(".")}
+        return sorted(files | set(self.catalog.names(VOLUME)))
+
+    def _scan(self):
+        """Every image already in the state directory, for the catalog's
+        first use: (kind, name, header, name bound by its context)."""
+        from .snapshots import images, snapshots  # snapshots imports this module
+
+        found = []
+        if self.dir.is_dir():
+            found += [(VOLUME, p.name[:-4], p) for p in self.dir.iterdir()
+                      if p.name.endswith(".img") and not p.name.startswith(".")]
+        for kind, copies in ((SNAPSHOT, snapshots(self.home)), (IMAGE, images(self.home))):
+            found += [(kind, n, copies.image_path(n)) for n in copies.names()]
+        for kind, name, path in found:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                h = hdr.load(fd, str(path)).header
+            except (EvscryptError, OSError):
+                continue  # a damaged image is not adopted; 'volume adopt' can, once it is repaired
+            finally:
+                os.close(fd)
+            yield kind, name, h, name if kind == VOLUME else Entry.of_image(h).name
 
     # -- open ------------------------------------------------------------------
-    def open(self, name: str, write: bool = False) -> Opened:
+    def _open_fd(self, name: str, write: bool) -> tuple[Path, int]:
         path = self.path(name)
         try:
-            fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
+            return path, os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
         except FileNotFoundError:
+            if self.catalog.get(VOLUME, name) is not None:
+                raise NotFound(f"volume {name!r} is in the catalog but its image {path} is missing")
             raise NotFound(f"volume {name!r} not found")
         except OSError as e:
             raise storage_error(e, f"cannot open volume {name!r}")
+
+    @staticmethod
+    def _load(name: str, path: Path, fd: int) -> hdr.Loaded:
         try:
-            loaded = hdr.load(fd, str(path))
+            return hdr.load(fd, str(path))
         except EvscryptError as e:
-            os.close(fd)
             raise type(e)(f"volume {name!r}: {e.message}")
         except OSError as e:
-            os.close(fd)
             raise storage_error(e, f"cannot read volume {name!r}")
-        return Opened(path, fd, loaded)
 
-    def unwrap(self, header: hdr.Header) -> Secret:
-        """The volume's DK, unwrapped by its KMS and checked against the MAC."""
-        if not header.encrypted:
-            raise InvalidArgument(f"volume {header.name!r} is not encrypted")
-        kms = self.backend(header.kms_backend)
-        dk = kms.decrypt(header.wrapped_dk, header.encryption_context, header.key_id)
+    def _opened(self, name: str, path: Path, fd: int, cls=Opened, **kw) -> Opened:
+        """Read the header and check it against the catalog (closes fd on failure)."""
+        try:
+            loaded = self._load(name, path, fd)
+            entry = self.catalog.check(VOLUME, name, loaded.header)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, loaded, entry, **kw)
+
+    def open(self, name: str, write: bool = False) -> Opened:
+        """The image and its checked header, without the lock: for reading
+        what the header says (info, header-backup, dump-key)."""
+        path, fd = self._open_fd(name, write)
+        return self._opened(name, path, fd)
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[Opened]:
+        """The open image under its exclusive attach lock (Busy while it is
+        attached), its header read under the lock and checked, for offline
+        copies and header changes."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        op = self._opened(name, path, fd)
+        try:
+            yield op
+        finally:
+            op.close()
+
+    def open_volume(self, name: str, uid: int = 0, *, repair: bool = False) -> OpenVolume:
+        """Open volume ``name`` for I/O by user ``uid``; the one way to do it.
+
+        Open the image, take its lock (Busy if attached), read the header
+        under the lock, check it against the catalog, check that ``uid`` may
+        use the volume and its CMK, unwrap the DK with the catalog's context
+        and key and verify the header MAC, build the cipher.  The caller
+        closes the result (which wipes the keys and releases the lock).
+        ``repair`` rewrites a damaged header copy."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        op = self._opened(name, path, fd, OpenVolume)
+        try:
+            op.owner = os.fstat(op.fd).st_uid
+            if uid != 0 and uid != op.owner:
+                raise PermissionDenied(f"volume {name!r} belongs to another user")
+            if op.entry.encrypted:
+                # a user may use only CMKs they own or were granted
+                self.backend(op.entry.kms).check_access(op.entry.key_id, uid)
+                with self.unwrap(op.entry, op.header) as dk:
+                    op.cipher = SectorCipher(dk)
+                    op.mac_key = hdr.Header.mac_key(dk)
+            if repair and op.loaded.damaged:
+                log.warning("volume %s: repairing damaged header copy (%s)", name,
+                            "; ".join(e for e in op.loaded.errors if e))
+                op.loaded = hdr.store(op.fd, op.header, op.loaded)
+        except BaseException:
+            op.close()
+            raise
+        return op
+
+    def unwrap(self, entry: Entry, header: hdr.Header) -> Secret:
+        """The DK in ``header``, unwrapped by the KMS and CMK the catalog
+        ``entry`` names, under the encryption context built from the entry,
+        then checked against the header MAC."""
+        if not entry.encrypted:
+            raise InvalidArgument(f"volume {entry.name!r} is not encrypted")
+        dk = self.backend(entry.kms).decrypt(header.wrapped_dk, entry.context(), entry.key_id)
         try:
             header.verify(dk)
         except BaseException:
             dk.wipe()
             raise
         return dk
+
+    def data_key(self, name: str) -> Secret:
+        """Volume ``name``'s DK, by the checked path (attached or not)."""
+        op = self.open(name)
+        try:
+            if not op.entry.encrypted:
+                raise EncryptionRuleError(f"volume {name!r} is not encrypted; it has no data key")
+            return self.unwrap(op.entry, op.header)
+        finally:
+            op.close()
+
+    # -- header backup, restore, adopt ------------------------------------------
+    def backup_header(self, name: str, dest: Path) -> hdr.Loaded:
+        """Save volume ``name``'s header area (both copies) to ``dest``."""
+        op = self.open(name)
+        try:
+            return headerfile.backup(op.fd, dest)
+        finally:
+            op.close()
+
+    def restore_header(self, name: str, src: Path) -> hdr.Header:
+        """Write a saved header back into detached volume ``name``.  The
+        catalog, not the image, says which header may go in, so this works
+        when both copies in the image are destroyed and still never accepts
+        another volume's header."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+            return headerfile.restore(fd, src, self.catalog.require(VOLUME, name), f"volume {name!r}")
+        finally:
+            os.close(fd)
+
+    def adoption(self, name: str) -> tuple[Entry, Entry | None]:
+        """What adopting volume ``name`` would record (read from its image,
+        not checked against anything), and its current entry, if any."""
+        path, fd = self._open_fd(name, False)
+        try:
+            h = self._load(name, path, fd).header
+        finally:
+            os.close(fd)
+        return Entry.of(h, name), self.catalog.get(VOLUME, name)
+
+    def adopt(self, name: str, expected: Entry) -> Entry:
+        """Record volume ``name``'s image in the catalog as it is now, if it
+        still says ``expected`` (what the user was shown), under its lock."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+            entry = Entry.of(self._load(name, path, fd).header, name)
+            if entry != expected:
+                raise Busy(f"volume {name!r} changed while it was being adopted; nothing was recorded")
+            self.catalog.put(VOLUME, name, entry)
+        finally:
+            os.close(fd)
+        return entry
 
     # -- create ----------------------------------------------------------------
     def create(self, name: str, size: int, *, encrypted: bool = True, kms: str = "local",
@@ -135,11 +320,16 @@ class VolumeStore:
 
         The image is built under a temporary name and renamed into place only
         when complete, so an interrupted create leaves no half-made volume.
+        A preallocated volume has no unwritten sectors, so it drops the
+        zero-unwritten feature: like dm-crypt, a zeroed sector then decrypts
+        to garbage instead of reading as zeros.
         """
         check_size(size)
         vol_uuid = str(uuidlib.uuid4())
         h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
                        data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
+        if preallocate:
+            h.features = [f for f in h.features if f != hdr.ZERO_UNWRITTEN]
 
         def build(fd: int) -> hdr.Header:
             dk = None
@@ -156,9 +346,9 @@ class VolumeStore:
                 if preallocate or fill:
                     cipher = SectorCipher(dk) if dk else None
                     try:
-                        eng = Engine(fd, size, h.data_offset, cipher)
+                        eng = Engine(fd, size, h.data_offset, cipher or PLAINTEXT, zero_unwritten=h.zero_unwritten)
                         if preallocate:
-                            self._preallocate(eng, progress)
+                            fill_zeros(eng, 0, size, progress)
                         if fill:
                             fill(eng)
                     finally:
@@ -171,40 +361,46 @@ class VolumeStore:
 
         return self._build(name, vol_uuid, owner, build)
 
-    def create_copy(self, name: str, write_image: Callable[[int], None], *, origin: dict,
+    def create_copy(self, name: str, write_image: Callable[[int], None], source: Entry, *, origin: dict,
                     size: int | None = None, owner: int | None = None) -> hdr.Header:
         """Create a volume whose image starts as a byte copy of another one (a
         snapshot, an image, a backup): same encryption, same DK, same CMK.
 
         ``write_image(fd)`` writes the source image (header and data area)
-        into the new, empty file.  The header is then bound to the new volume:
-        a new UUID and name, hence a new encryption context, under which the
-        CMK re-wraps the source DK (unwrapped and checked against the source
-        header's MAC first); the MAC is sealed again.  ``size`` may only grow.
+        into the new, empty file.  Its header, as copied, is checked against
+        ``source`` (the source's catalog entry) and then bound to the new
+        volume: a new UUID and name, hence a new encryption context, under
+        which the CMK re-wraps the source DK (unwrapped and checked against
+        the source header's MAC first); the MAC is sealed again.  ``size``
+        may only grow.
         """
         vol_uuid = str(uuidlib.uuid4())
 
         def build(fd: int) -> hdr.Header:
             write_image(fd)
             src = hdr.load(fd, f"source image of {name!r}").header
+            source.check(src, f"source image of {name!r}", exact_size=True)
             new_size = src.size if size is None else size
             check_grow(src.size, new_size)
             h = dataclasses.replace(src, uuid=vol_uuid, name=name, size=new_size, created=hdr.now_iso(),
                                     origin=origin, encryption_context={}, mac=None)
+            os.ftruncate(fd, h.data_offset + new_size)
             if src.encrypted:
                 h.encryption_context = encryption_context(vol_uuid, name)
-                with self.unwrap(src) as dk:
+                with self.unwrap(source, src) as dk:
                     h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
                         src.key_id, dk, h.encryption_context)
                     h.seal(dk)
-            os.ftruncate(fd, h.data_offset + new_size)
+                    if new_size > src.size and not h.zero_unwritten:
+                        self._fill_grown(fd, h, src.size, dk)
             hdr.store(fd, h)  # overwrites both copies of the source header
             return h
 
         return self._build(name, vol_uuid, owner, build)
 
     def _build(self, name: str, vol_uuid: str, owner: int | None, build: Callable[[int], hdr.Header]) -> hdr.Header:
-        """Run ``build(fd)`` on a new temporary image, then link it into place.
+        """Run ``build(fd)`` on a new temporary image, then link it into place
+        and record it in the catalog.
 
         Anything that stops the build (an error, Ctrl-C, SIGTERM turned into
         KeyboardInterrupt by the CLI) removes the temporary file."""
@@ -223,10 +419,11 @@ class VolumeStore:
                 os.fchown(fd, owner, -1)
             h = build(fd)
             os.fsync(fd)
-            try:
-                os.link(tmp, final)  # unlike rename, refuses to replace a racing create
-            except FileExistsError:
-                raise AlreadyExists(f"volume {name!r} already exists")
+            with self.catalog.adding(VOLUME, name, Entry.of(h, name)):
+                try:
+                    os.link(tmp, final)  # unlike rename, refuses to replace a racing create
+                except FileExistsError:
+                    raise AlreadyExists(f"volume {name!r} already exists")
             os.unlink(tmp)
             fsync_dir(self.dir)
         except BaseException as e:
@@ -240,17 +437,14 @@ class VolumeStore:
         return h
 
     @staticmethod
-    def _preallocate(eng: Engine, progress) -> None:
-        """Fill the data area with encrypted zeros, so no sector is unwritten."""
-        chunk = 1 << 20
-        zeros = bytes(chunk)
-        off = 0
-        while off < eng.size:
-            n = min(chunk, eng.size - off)
-            eng._write_sectors(off // SECTOR_SIZE, memoryview(zeros)[:n])
-            off += n
-            if progress:
-                progress(n)
+    def _fill_grown(fd: int, h: hdr.Header, old_size: int, dk: Secret) -> None:
+        """Encrypted zeros over the grown part of a volume without
+        zero-unwritten (a preallocated one): it has no unwritten sectors."""
+        cipher = SectorCipher(dk)
+        try:
+            fill_zeros(Engine(fd, h.size, h.data_offset, cipher, zero_unwritten=False), old_size, h.size)
+        finally:
+            cipher.close()
 
     # -- inspect -------------------------------------------------------------
     def header(self, name: str) -> hdr.Header:
@@ -295,47 +489,32 @@ class VolumeStore:
 
     def grow(self, name: str, size: int) -> hdr.Header:
         """Grow a detached volume: extend the image, then store the header
-        with the new size (its MAC needs the DK, so this goes through the KMS)."""
-        with self.locked(name) as op:
+        with the new size (its MAC needs the DK, so this goes through the KMS),
+        then raise the catalog's smallest allowed size."""
+        op = self.open_volume(name)
+        try:
             h = op.header
             check_grow(h.size, size)
             if size == h.size:
                 return h
             new = dataclasses.replace(h, size=size)
-            if h.encrypted:
-                with self.unwrap(h) as dk:
-                    new.seal(dk)
-            try:
-                # the file first: a crash in between leaves the old size, and
-                # a longer file under it is harmless
-                os.ftruncate(op.fd, h.data_offset + size)
-                hdr.store(op.fd, new, op.loaded)
-            except OSError as e:
-                raise storage_error(e, f"cannot resize volume {name!r}")
-        return new
-
-    @contextlib.contextmanager
-    def locked(self, name: str) -> Iterator[Opened]:
-        """The open image under its exclusive attach lock (Busy while it is
-        attached), for offline copies and header changes."""
-        op = self.open(name, write=True)
-        try:
-            lock_exclusive(op.fd, name)
-            try:  # read again under the lock: a daemon may have changed it just before
-                op.loaded = hdr.load(op.fd, str(op.path))
-            except EvscryptError as e:
-                raise type(e)(f"volume {name!r}: {e.message}")
-            yield op
+            grow_image(op, new)
         finally:
             op.close()
+        self.catalog.grow(name, size)
+        return new
 
     def delete(self, name: str) -> None:
-        """Delete a detached volume; a damaged header does not prevent it."""
+        """Delete a detached volume; a damaged header does not prevent it,
+        nor does a missing image (its catalog entry goes)."""
         path = self.path(name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise NotFound(f"volume {name!r} not found")
+            if self.catalog.get(VOLUME, name) is None:
+                raise NotFound(f"volume {name!r} not found")
+            self.catalog.remove(VOLUME, name)
+            return
         except OSError as e:
             raise storage_error(e, f"cannot open volume {name!r}")
         try:
@@ -344,11 +523,11 @@ class VolumeStore:
             fsync_dir(self.dir)
         finally:
             os.close(fd)
+        self.catalog.remove(VOLUME, name)
 
     def dump_key(self, name: str, key_file: Path) -> Path:
         """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""
-        h = self.header(name)
-        with self.unwrap(h) as dk:
+        with self.data_key(name) as dk:
             try:
                 fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
@@ -366,21 +545,54 @@ class VolumeStore:
     def engine(self, name: str, write: bool = False) -> Iterator[tuple[Engine, hdr.Header]]:
         """An engine on a volume for offline use (tools and tests), holding
         the attach lock so it cannot race an attached daemon."""
-        op = self.open(name, write=True)
-        cipher = None
+        op = self.open_volume(name)
         try:
-            lock_exclusive(op.fd, name)
-            if op.header.encrypted:
-                with self.unwrap(op.header) as dk:
-                    cipher = SectorCipher(dk)
-            yield Engine(op.fd, op.header.size, op.header.data_offset, cipher), op.header
+            yield op.engine(), op.header
         finally:
-            if cipher:
-                cipher.close()
             op.close()
 
 
+#: Encrypted zeros are written this much at a time.
+_FILL_CHUNK = 1 << 20
+
+
+def fill_zeros(eng: Engine, start: int, end: int, progress: Callable[[int], None] | None = None) -> None:
+    """Write zeros (encrypted, on an encrypted volume) over [start, end)."""
+    zeros = bytes(min(_FILL_CHUNK, end - start))
+    off = start
+    while off < end:
+        n = min(len(zeros), end - off)
+        eng.write(off, memoryview(zeros)[:n])
+        off += n
+        if progress:
+            progress(n)
+
+
+def grow_image(op: OpenVolume, new: hdr.Header) -> None:
+    """Grow an open volume's image to ``new.size``: the file, encrypted
+    zeros over the new part where the volume has no unwritten sectors, then
+    the header, resealed with the volume's MAC key.  The daemon's resize and
+    the offline one share it."""
+    old = op.header
+    if new.encrypted:
+        new.seal_with(op.mac_key)
+    try:
+        # the file first: a crash in between leaves the old size, and a
+        # longer file under it is harmless
+        os.ftruncate(op.fd, new.data_offset + new.size)
+        if not new.zero_unwritten and new.size > old.size:
+            eng = Engine(op.fd, new.size, new.data_offset, op.cipher if new.encrypted else PLAINTEXT,
+                         zero_unwritten=False)
+            fill_zeros(eng, old.size, new.size)
+        op.loaded = hdr.store(op.fd, new, op.loaded)
+    except OSError as e:
+        raise storage_error(e, f"cannot resize volume {old.name!r}")
+
+
 def cryptsetup_command(image: Path, key_file: Path, header: hdr.Header, mapping: str | None = None) -> str:
-    """The dm-crypt command that opens this image with its dumped DK."""
+    """The dm-crypt command that opens this image with its dumped DK, its
+    paths quoted for the shell."""
+    q = shlex.quote
     return (f"cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size {SECTOR_SIZE} "
-            f"--offset {header.data_offset // 512} --key-file {key_file} {image} {mapping or header.name}")
+            f"--offset {header.data_offset // 512} --key-file {q(str(key_file))} {q(str(image))} "
+            f"{q(mapping or header.name)}")

@@ -49,7 +49,7 @@ def restore(d, name: str, src: str, *flags: str) -> Path:
 
 def dk_bytes(home: Path, name: str) -> bytes:
     store = VolumeStore(home)
-    with store.unwrap(store.header(name)) as dk:
+    with store.data_key(name) as dk:
         return bytes(dk.buffer)
 
 

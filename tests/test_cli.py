@@ -118,7 +118,7 @@ def test_dump_key(cli, home, tmp_path):
     raw = kf.read_bytes()
     assert len(raw) == 64
     store = VolumeStore(home)
-    with store.unwrap(store.header("vol")) as dk:
+    with store.data_key("vol") as dk:
         assert raw == bytes(dk.buffer)
     cmd = out.strip()
     assert cmd.startswith("cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512")
@@ -127,6 +127,20 @@ def test_dump_key(cli, home, tmp_path):
     # never overwrites an existing file
     cli.fails(errors.AlreadyExists, "volume", "dump-key", "vol", "--key-file", str(kf))
     assert kf.read_bytes() == raw
+
+
+def test_dump_key_command_quotes_its_paths(cli, home, tmp_path):
+    """The printed command survives paths with spaces and shell characters."""
+    import shlex
+
+    cli.ok("volume", "create", "vol", "--size", "1M")
+    odd = tmp_path / "key dir; rm -rf $HOME"
+    odd.mkdir()
+    kf = odd / "it's.key"
+    out = cli.ok("volume", "dump-key", "vol", "--key-file", str(kf))
+    argv = shlex.split(out.strip())
+    assert argv[argv.index("--key-file") + 1] == str(kf)
+    assert argv[-2:] == [str(home / "volumes" / "vol.img"), "vol"]
 
 
 def test_dump_key_refused_when_key_disabled(cli, tmp_path):

@@ -142,7 +142,7 @@ def test_roundtrip_plaintext_and_ciphertext(daemon, encrypted):
     area = image[header.data_offset:header.data_offset + size]
     assert len(area) == size
     if encrypted:
-        dk = store.unwrap(header)
+        dk = store.data_key(name)
         try:
             key = bytes(dk.buffer)
         finally:

@@ -47,7 +47,7 @@ ZERO_SECTOR = bytes(SECTOR_SIZE)
 # -- helpers ---------------------------------------------------------------------
 def volume_key(d, name: str) -> bytes:
     """The volume's DK, unwrapped in-process through its KMS (as test_daemon does)."""
-    with VolumeStore(d.home).unwrap(header_of(d.image(name))) as dk:
+    with VolumeStore(d.home).data_key(name) as dk:
         return bytes(dk.buffer)
 
 

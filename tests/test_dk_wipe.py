@@ -74,7 +74,7 @@ def test_dk_absent_from_daemon_memory_after_detach():
 
     cli("volume", "create", "secretvol", "--size", "16M")
     store = VolumeStore(home)
-    with store.unwrap(store.header("secretvol")) as dk:
+    with store.data_key("secretvol") as dk:
         halves = [bytes(dk.buffer[:32]), bytes(dk.buffer[32:])]
     daemon = subprocess.Popen([EVSCRYPT, "daemon"], env=env, stderr=subprocess.PIPE, text=True)
     try:

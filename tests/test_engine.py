@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt
 from evscrypt.errors import OutOfRange
-from evscrypt.image.engine import Engine
+from evscrypt.image.engine import PLAINTEXT, Engine
 from evscrypt.image.header import HEADER_AREA
 from evscrypt.secret import Secret
 
@@ -49,7 +49,7 @@ class Image:
         os.ftruncate(self.fd, data_offset + size)
         self.secret = Secret.from_buffer(self.key) if encrypted else None
         self.cipher = SectorCipher(self.secret) if encrypted else None
-        self.eng = Engine(self.fd, size, data_offset, self.cipher)
+        self.eng = Engine(self.fd, size, data_offset, self.cipher or PLAINTEXT)
         self.file_size = data_offset + size
 
     def close(self):
@@ -282,7 +282,7 @@ def test_volume_store_engine_encrypted(store):
     shadow[2 * SECTOR_SIZE - 5:2 * SECTOR_SIZE - 5 + len(payload)] = payload
     with store.engine("enc") as (eng, _):  # reopened: data persisted
         assert eng.read(0, size) == bytes(shadow)
-    with store.unwrap(store.header("enc")) as dk:
+    with store.data_key("enc") as dk:
         key = bytes(dk.buffer)
     fd = os.open(store.path("enc"), os.O_RDONLY)
     try:

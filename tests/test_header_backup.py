@@ -44,8 +44,9 @@ def test_restore_refuses_another_volumes_header(store, home, tmp_path, capsys):
     saved = tmp_path / "a.header"
     assert run(home, "volume", "header-backup", "a", saved) == 0
     before = open(store.path("b"), "rb").read(HEADER_AREA)
-    assert run(home, "volume", "header-restore", "b", saved) == errors.InvalidArgument.exit_code
-    assert "not of this volume" in capsys.readouterr().err
+    assert run(home, "volume", "header-restore", "b", saved) == errors.IntegrityError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "header field uuid" in err and "nothing was written" in err
     assert open(store.path("b"), "rb").read(HEADER_AREA) == before
 
 

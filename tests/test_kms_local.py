@@ -287,7 +287,7 @@ def test_swapped_wrapped_dk_between_volumes_does_not_unwrap(store, kms, same_cmk
     store.create("A", 1 << 20, key="other")
     store.create("B", 1 << 20, key=None if not same_cmk else "other")
     a = store.header("A")
-    with store.unwrap(store.header("B")):
+    with store.data_key("B"):
         pass  # B is fine before the swap
     fd = os.open(store.path("B"), os.O_RDWR)
     try:
@@ -296,29 +296,50 @@ def test_swapped_wrapped_dk_between_volumes_does_not_unwrap(store, kms, same_cmk
         hdr.store(fd, loaded.header, loaded)
     finally:
         os.close(fd)
-    with pytest.raises(InvalidCiphertext):
-        store.unwrap(store.header("B"))
-    with pytest.raises(InvalidCiphertext):
+    # the same CMK: the encryption context (built from B's catalog entry)
+    # refuses A's wrapped DK; another CMK: the catalog refuses the key field
+    # before anything reaches the KMS
+    err = InvalidCiphertext if same_cmk else IntegrityError
+    with pytest.raises(err):
+        store.data_key("B")
+    with pytest.raises(err):
         with store.engine("B"):
             pass
-    with store.unwrap(a):
+    with store.data_key("A"):
         pass  # A is untouched
 
 
-def test_swapped_key_fields_and_context_are_caught_by_the_mac(store):
+def _tamper(store, name, **fields):
+    fd = os.open(store.path(name), os.O_RDWR)
+    try:
+        loaded = hdr.load(fd)
+        for k, v in fields.items():
+            setattr(loaded.header, k, v)
+        hdr.store(fd, loaded.header, loaded)
+    finally:
+        os.close(fd)
+
+
+def test_swapped_key_fields_and_context_do_not_unwrap(store):
+    """A's key fields, context and MAC in B's header, under the same CMK: the
+    catalog has nothing to object to, but the context comes from B's catalog
+    entry, not from the header, so A's wrapped DK does not unwrap."""
     store.create("A", 1 << 20)
     store.create("B", 1 << 20)
     a = store.header("A")
-    fd = os.open(store.path("B"), os.O_RDWR)
-    try:
-        loaded = hdr.load(fd)
-        h = loaded.header
-        h.wrapped_dk, h.key_id, h.encryption_context, h.mac = a.wrapped_dk, a.key_id, a.encryption_context, a.mac
-        hdr.store(fd, h, loaded)
-    finally:
-        os.close(fd)
-    with pytest.raises(IntegrityError):
-        store.unwrap(store.header("B"))
+    _tamper(store, "B", wrapped_dk=a.wrapped_dk, key_id=a.key_id, encryption_context=a.encryption_context,
+            mac=a.mac)
+    with pytest.raises(InvalidCiphertext):
+        store.data_key("B")
+
+
+@pytest.mark.parametrize("field,value", [("created", "2000-01-01T00:00:00Z"), ("features", []),
+                                         ("origin", {"type": "image", "source": "x"}), ("mac", "\u00e9" * 64)])
+def test_header_fields_outside_the_catalog_are_caught_by_the_mac(store, field, value):
+    store.create("B", 1 << 20)
+    _tamper(store, "B", **{field: value})
+    with pytest.raises(IntegrityError, match="MAC"):
+        store.data_key("B")
 
 
 # -- sealed root key ---------------------------------------------------------------

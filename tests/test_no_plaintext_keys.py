@@ -113,7 +113,7 @@ def test_no_plaintext_key_material_under_home(store, kms):
     dks = {}
     for n in names:
         h = store.header(n)
-        with store.unwrap(h) as dk:
+        with store.data_key(n) as dk:
             d = bytes(dk.buffer)
         assert len(d) == 64 and d[:32] != d[32:]
         # our decrypted CMK is really the one that wraps this DK (so the scan checks the right bytes)

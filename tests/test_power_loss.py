@@ -48,7 +48,7 @@ def test_header_restore_interrupted_after_each_write(store, monkeypatch, tmp_pat
         headerfile.backup(op.fd, saved)
     with monkeypatch.context() as m:
         crash_after(m, steps)
-        with store.locked("r") as op, pytest.raises(hdr.SimulatedCrash):
-            headerfile.restore(op.fd, saved)
+        with pytest.raises(hdr.SimulatedCrash):
+            store.restore_header("r", saved)
     with store.engine("r") as (eng, h):
         assert h.size == 4 * MiB

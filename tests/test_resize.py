@@ -42,7 +42,7 @@ def test_offline_grow(daemon, encrypted):
     assert os.path.getsize(d.image("v")) == h.data_offset + 24 * MiB
     if encrypted:
         store = VolumeStore(d.home)
-        store.unwrap(h).wipe()  # the MAC was resealed over the new size
+        store.data_key("v").wipe()  # the MAC was resealed over the new size
         assert h.mac != seq_before.mac
     expect_fail(d, INVALID, "volume", "resize", "v", "--size", "16M", match="only grow")
     expect_fail(d, INVALID, "volume", "resize", "v", "--size", "24M+1")

@@ -18,7 +18,6 @@ from typing import Callable
 from ..errors import Busy
 from ..fsutil import temp_name
 from ..image import header as hdr
-from ..image.backing import lock_exclusive
 from ..image.copy import read_chunks
 from ..snapshots import Online, capture
 from ..volumes import VolumeStore
@@ -73,23 +72,17 @@ def backup_volume(volumes: VolumeStore, name: str, store: BackupStore, online: O
     temporary file in the state directory; that copy is backed up and removed.
     """
     known = store.known_chunks()  # first: a bad DEST fails before any copy is made
-    op = volumes.open(name, write=True)
     try:
-        try:
-            lock_exclusive(op.fd, name)
-        except Busy:
-            if online is None:
-                raise
-        else:
-            op.loaded = hdr.load(op.fd, str(op.path))  # again, under the lock
+        with volumes.locked(name) as op:
             return write_backup(store, op.fd, op.header, name, progress, known)
-    finally:
-        op.close()
+    except Busy:
+        if online is None:
+            raise
     tmpdir = volumes.home / "snapshots"
     tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = temp_name(tmpdir / f"backup-{name}")
     try:
-        h = capture(volumes, name, tmp, online)
+        h, _ = capture(volumes, name, tmp, online)
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return write_backup(store, fd, h, name, progress, known)

@@ -7,6 +7,7 @@ one place that turns errors into a one-line message and an exit code.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -60,9 +61,24 @@ def cli(ctx: click.Context, home, debug):
 
 
 
+class _LineFormatter(logging.Formatter):
+    """Library warnings (the catalog's adoption notice) in the CLI's own
+    one-line form; the daemon replaces this with its log format."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"evscrypt: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("EVSCRYPT_DEBUG"))
+    _setup_logging()
     try:
         rv = cli.main(args=argv, prog_name="evscrypt", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -9,7 +9,7 @@ import click
 
 from .. import clone, client
 from ..backup import open_store, parse_source, reader
-from ..errors import Busy, DaemonUnavailable, KMSError, NotFound
+from ..errors import Busy, DaemonUnavailable, NotFound
 from ..kms import BACKENDS
 from ..paths import socket_path
 from ..snapshots import images, snapshots
@@ -202,8 +202,6 @@ def delete(env: Env, name):
 def dump_key(env: Env, name, key_file):
     """Write the volume's raw data key, for disaster recovery with dm-crypt."""
     h = env.store.header(name)
-    if not h.encrypted:
-        raise KMSError(f"volume {name!r} is not encrypted; it has no data key")
     image = env.store.dump_key(name, key_file)
     warn(f"{key_file} holds the plaintext data key of {name}: anyone who reads it can read the volume")
     click.echo(cryptsetup_command(image, key_file, h))

@@ -64,7 +64,7 @@ def cleanup_stale(mountpoint: Path) -> None:
 
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
 async def _serve(manager: VolumeManager, control: ControlServer) -> None:

@@ -1,7 +1,8 @@
 """The volume manager: which volumes are attached, and their DK lifecycle.
 
-Attach follows the fixed order: read the header, unwrap the DK through the
-KMS, verify the header MAC, take the image's exclusive lock, expose the file.
+Attach opens the volume the one way there is (VolumeStore.open_volume:
+lock, read the header under the lock, check it against the catalog, check
+access, unwrap, verify the MAC, build the cipher), then exposes the file.
 The DK exists only inside the attachment's SectorCipher (a locked, wipeable
 copy); the copy the KMS returned is wiped as soon as the cipher is built.
 Detach flushes, removes the file from the mount, waits for in-flight I/O to
@@ -32,16 +33,14 @@ from pathlib import Path
 
 import trio
 
-from ..crypto.xts import SectorCipher
 from ..errors import Busy, EvscryptError, KeyStateError, NotFound, PermissionDenied, StorageError
 from ..image import header as hdr
-from ..image.backing import lock_exclusive, storage_error
+from ..image.backing import storage_error
 from ..image.copy import sparse_copy
 from ..image.engine import Engine
 from ..kms.base import KeyState
 from ..names import check_name
-from ..secret import Secret
-from ..volumes import VolumeStore, check_grow
+from ..volumes import OpenVolume, VolumeStore, check_grow, grow_image
 from . import loopmount
 from .gate import WriteGate
 
@@ -68,15 +67,10 @@ class Counters:
 @dataclass
 class Attachment:
     name: str
-    header: hdr.Header
-    image: Path
-    fd: int
+    vol: OpenVolume  # the open, locked image with its keys (wiped by close)
     engine: Engine
-    cipher: SectorCipher | None
     owner: int
     inode: int
-    loaded: hdr.Loaded | None = None  # the header as stored: the next store's sequence number
-    mac_key: Secret | None = None  # reseals the header on resize; wiped with the DK
     gate: WriteGate = field(default_factory=WriteGate)
     attached_at: float = field(default_factory=time.time)
     opened: int = 0  # open FUSE file handles
@@ -91,6 +85,14 @@ class Attachment:
     @property
     def size(self) -> int:
         return self.header.size
+
+    @property
+    def header(self) -> hdr.Header:
+        return self.vol.header
+
+    @property
+    def fd(self) -> int:
+        return self.vol.fd
 
     def io_begin(self) -> bool:
         """Count a request in; False if the volume is detached or failed.
@@ -142,17 +144,11 @@ class Attachment:
             self.detached = True
 
     def close(self) -> None:
-        """Wipe the key and release the image (and with it the lock)."""
-        if self.cipher is not None:
-            self.cipher.close()
-            self.cipher = None
-            self.engine.cipher = None
-        if self.mac_key is not None:
-            self.mac_key.wipe()
-            self.mac_key = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Wipe the keys and release the image (and with it the lock).  The
+        engine keeps its cipher, now closed: any late use raises rather than
+        falls back to plaintext, and its fd is no longer the image's."""
+        self.engine.fd = -1
+        self.vol.close()
 
 
 class VolumeManager:
@@ -186,39 +182,11 @@ class VolumeManager:
             raise PermissionDenied(f"volume {name!r} belongs to another user")
 
     # -- attach ----------------------------------------------------------------
-    def _open_unlocked(self, name: str, uid: int) -> Attachment:
-        """Steps 1-4 of attach; runs in a worker thread (KMS calls block)."""
-        op = self.store.open(name, write=True)
-        dk = None
-        mac_key = None
-        try:
-            owner = os.fstat(op.fd).st_uid
-            self._check_owner(owner, uid, name)
-            h = op.header
-            if h.encrypted:
-                # a user may use only CMKs they own or were granted
-                self.store.backend(h.kms_backend).check_access(h.key_id, uid)
-                dk = self.store.unwrap(h)  # KMS unwrap, then header MAC
-            lock_exclusive(op.fd, name)
-            loaded = op.loaded
-            if loaded.damaged:
-                log.warning("volume %s: repairing damaged header copy (%s)", name,
-                            "; ".join(e for e in loaded.errors if e))
-                loaded = hdr.store(op.fd, h, loaded)
-            cipher = SectorCipher(dk) if dk is not None else None
-            mac_key = hdr.Header.mac_key(dk) if dk is not None else None
-        except BaseException:
-            op.close()
-            if mac_key is not None:
-                mac_key.wipe()
-            raise
-        finally:
-            if dk is not None:
-                dk.wipe()
-        return Attachment(name=name, header=h, image=op.path, fd=op.fd,
-                          engine=Engine(op.fd, h.size, h.data_offset, cipher), cipher=cipher,
-                          owner=uid if uid != 0 else owner, inode=0, loaded=loaded, mac_key=mac_key,
-                          key_state=KeyState.ENABLED.value if h.encrypted else None)
+    def _open(self, name: str, uid: int) -> Attachment:
+        """Open the volume (in a worker thread: KMS calls block)."""
+        vol = self.store.open_volume(name, uid, repair=True)
+        return Attachment(name=name, vol=vol, engine=vol.engine(), owner=uid if uid != 0 else vol.owner, inode=0,
+                          key_state=KeyState.ENABLED.value if vol.entry.encrypted else None)
 
     async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None) -> dict:
         check_name(name)
@@ -229,7 +197,7 @@ class VolumeManager:
             a = self.by_name.get(name)
             fresh = a is None
             if fresh:
-                a = await trio.to_thread.run_sync(self._open_unlocked, name, uid, limiter=self.kms_limiter)
+                a = await trio.to_thread.run_sync(self._open, name, uid, limiter=self.kms_limiter)
                 a.inode, self._next_inode = self._next_inode, self._next_inode + 1
                 self.by_name[name] = a
                 self.by_inode[a.inode] = a
@@ -423,7 +391,6 @@ class VolumeManager:
             if size != a.size:
                 new = dataclasses.replace(a.header, size=size)
                 await trio.to_thread.run_sync(self._grow, a, new, limiter=self.io_limiter)
-                a.header = new
                 a.engine.size = size
                 await trio.to_thread.run_sync(self.invalidate_attr, a.inode)
                 log.info("resized %s to %d bytes", name, size)
@@ -436,17 +403,9 @@ class VolumeManager:
                         warnings.append(f"the volume has grown but its filesystem has not: {e.message}")
             return {**self.describe(a), "warnings": warnings}
 
-    @staticmethod
-    def _grow(a: Attachment, new: hdr.Header) -> None:
-        if new.encrypted:
-            new.seal_with(a.mac_key)
-        try:
-            # the file first: a crash in between leaves the old size, and a
-            # longer file under it is harmless
-            os.ftruncate(a.fd, new.data_offset + new.size)
-            a.loaded = hdr.store(a.fd, new, a.loaded)
-        except OSError as e:
-            raise storage_error(e, f"cannot resize volume {a.name!r}")
+    def _grow(self, a: Attachment, new: hdr.Header) -> None:
+        grow_image(a.vol, new)
+        self.store.catalog.grow(a.name, new.size)
 
     # -- status ----------------------------------------------------------------
     def describe(self, a: Attachment) -> dict:

@@ -27,6 +27,18 @@ ZERO_SECTOR = bytes(SECTOR_SIZE)
 LOCK_STRIPES = 64
 
 
+class _Plaintext:
+    """The cipher of a volume the catalog says is unencrypted.  An Engine
+    must be given this explicitly: None is refused, so no path can end up
+    writing plaintext by losing its cipher."""
+
+    def __repr__(self) -> str:
+        return "PLAINTEXT"
+
+
+PLAINTEXT = _Plaintext()
+
+
 class _SectorLocks:
     """Striped locks by sector number; guard read-modify-write of sectors."""
 
@@ -55,6 +67,9 @@ class _SectorLocks:
             lk.release()
 
 
+#: Sectors of encrypted zeros a discard writes at a time (1 MiB).
+_ZERO_RUN = 256
+
 _tls = threading.local()
 
 
@@ -75,11 +90,19 @@ def _scratch(n: int) -> memoryview:
 class Engine:
     """Plaintext view of one volume's data area."""
 
-    def __init__(self, fd: int, size: int, data_offset: int, cipher: SectorCipher | None):
+    def __init__(self, fd: int, size: int, data_offset: int, cipher: SectorCipher | _Plaintext,
+                 zero_unwritten: bool = True):
+        if cipher is None:
+            raise TypeError("an Engine needs a cipher, or PLAINTEXT for an unencrypted volume")
         self.fd = fd
         self.size = size
         self.data_offset = data_offset
-        self.cipher = cipher
+        self.cipher: SectorCipher | None = None if cipher is PLAINTEXT else cipher
+        #: An all-zero stored sector is unwritten and reads as zeros, and
+        #: discard punches holes (the header's zero-unwritten feature).
+        #: Without it (a preallocated volume), every sector is decrypted and
+        #: discard writes encrypted zeros, as dm-crypt does.
+        self.zero_unwritten = zero_unwritten
         self._locks = _SectorLocks()
 
     def check_range(self, offset: int, length: int) -> None:
@@ -102,7 +125,7 @@ class Engine:
         decryption overlap the other's."""
         pread_into(self.fd, out, geometry.sector_to_backing(self.data_offset, first))
         if self.cipher is not None:
-            self.cipher.decrypt_into(first, out, out, skip_zero=True)  # unwritten sectors stay zeros
+            self.cipher.decrypt_into(first, out, out, skip_zero=self.zero_unwritten)  # unwritten sectors stay zeros
 
     def _write_sectors(self, first: int, plain, split: bool = True) -> None:
         if self.cipher is None:
@@ -137,7 +160,7 @@ class Engine:
             # the most common request, one whole sector: no span, no split
             buf = bytearray(SECTOR_SIZE)
             pread_into(self.fd, buf, self.data_offset + offset)
-            cipher.decrypt_into(offset // SECTOR_SIZE, buf, buf, skip_zero=True)
+            cipher.decrypt_into(offset // SECTOR_SIZE, buf, buf, skip_zero=self.zero_unwritten)
             return buf
         self.check_range(offset, length)
         if length == 0:
@@ -196,7 +219,8 @@ class Engine:
         self._write_sectors(sp.first, buf)
 
     def discard(self, offset: int, length: int) -> None:
-        """Make a range read as zeros, freeing whole sectors in the image."""
+        """Make a range read as zeros, freeing whole sectors in the image
+        (or, without zero-unwritten, writing encrypted zeros over them)."""
         self.check_range(offset, length)
         if length == 0:
             return
@@ -213,15 +237,31 @@ class Engine:
                     hi = min(offset + length, (s + 1) * SECTOR_SIZE)
                     sector = self._read_sectors(s, 1)
                     sector[lo - s * SECTOR_SIZE:hi - s * SECTOR_SIZE] = bytes(hi - lo)
-                    if sector == ZERO_SECTOR:
+                    if sector == ZERO_SECTOR and self._holes:
                         punch_hole(self.fd, geometry.sector_to_backing(self.data_offset, s), SECTOR_SIZE)
                     else:
                         self._write_sectors(s, sector)
             if end_whole > first_whole:
-                punch_hole(self.fd, geometry.sector_to_backing(self.data_offset, first_whole),
-                           (end_whole - first_whole) * SECTOR_SIZE)
+                self._zero_sectors(first_whole, end_whole)
         finally:
             self._locks.release(held)
+
+    @property
+    def _holes(self) -> bool:
+        """Whether a hole reads as zeros: on a plaintext volume always; on an
+        encrypted one only with zero-unwritten."""
+        return self.cipher is None or self.zero_unwritten
+
+    def _zero_sectors(self, first: int, end: int) -> None:
+        """Sectors [first, end) read as zeros from now on."""
+        if self._holes:
+            punch_hole(self.fd, geometry.sector_to_backing(self.data_offset, first), (end - first) * SECTOR_SIZE)
+            return
+        zeros = bytes(min(end - first, _ZERO_RUN) * SECTOR_SIZE)
+        while first < end:
+            n = min(end - first, _ZERO_RUN)
+            self._write_sectors(first, memoryview(zeros)[:n * SECTOR_SIZE])
+            first += n
 
     def fsync(self, datasync: bool = False) -> None:
         (os.fdatasync if datasync else os.fsync)(self.fd)

@@ -42,8 +42,12 @@ MAX_PAYLOAD = SLOT_SIZE - PREFIX_SIZE
 
 #: Feature flags this version understands.  Every flag is "incompatible": an
 #: image naming a flag not listed here is refused rather than misread.
-KNOWN_FEATURES = frozenset({"zero-unwritten"})
-DEFAULT_FEATURES = ("zero-unwritten",)
+#: "zero-unwritten": a stored sector of 4096 zero bytes is unwritten and reads
+#: as zeros.  Every image has it except a preallocated one, which, like
+#: dm-crypt, decrypts every sector (a zeroed sector reads as garbage).
+ZERO_UNWRITTEN = "zero-unwritten"
+KNOWN_FEATURES = frozenset({ZERO_UNWRITTEN})
+DEFAULT_FEATURES = (ZERO_UNWRITTEN,)
 
 ORIGINS = ("empty", "snapshot", "backup", "image")
 _MAC_INFO = b"evscrypt/v1 header-mac"
@@ -70,6 +74,10 @@ class Header:
     sector_size: int = SECTOR_SIZE
     cipher: str = CIPHER_NAME
     mac: str | None = None
+
+    @property
+    def zero_unwritten(self) -> bool:
+        return ZERO_UNWRITTEN in self.features
 
     # -- serialisation ---------------------------------------------------
     def _fields(self) -> dict:
@@ -186,7 +194,9 @@ class Header:
         self.mac = self.mac_with(mac_key)
 
     def verify(self, dk: Secret) -> None:
-        if not self.mac or not hmac.compare_digest(self.compute_mac(dk), self.mac):
+        # compare_digest refuses non-ASCII str with TypeError: a forged mac
+        # field must be an IntegrityError like any other wrong MAC
+        if not self.mac or not self.mac.isascii() or not hmac.compare_digest(self.compute_mac(dk), self.mac):
             raise IntegrityError(f"header MAC of volume {self.name!r} does not verify: wrong key or tampered header")
 
     def summary(self) -> dict:

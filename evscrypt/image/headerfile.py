@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..catalog import Entry
 from ..errors import AlreadyExists, FormatError, InvalidArgument, StorageError
 from . import header as hdr
 from .backing import pread_into, pwrite_all
@@ -48,21 +49,21 @@ def read_backup(src: Path) -> hdr.Loaded:
         os.close(fd)
 
 
-def restore(image_fd: int, src: Path) -> hdr.Header:
+def restore(image_fd: int, src: Path, entry: Entry, what: str) -> hdr.Header:
     """Write the header in ``src`` into the image (both copies).
 
-    Refuses a backup of another volume when the image's own header is still
-    readable; when both image copies are destroyed, there is nothing to
-    compare with, and the backup is trusted (the MAC still guards attach).
+    The saved header must say what the volume's catalog ``entry`` says, so a
+    restore can never change the volume's uuid, encryption, key or data
+    offset, nor shrink it, whatever state the image's own header is in:
+    another volume's header (``IntegrityError``) is refused even when both
+    of the image's copies are destroyed.
     """
     saved = read_backup(src)
+    entry.check(saved.header, f"{src} as the header of {what}", done="nothing was written")
     try:
         current = hdr.load(image_fd, "image")
     except FormatError:
         current = None
-    if current is not None and current.header.uuid != saved.header.uuid:
-        raise InvalidArgument(f"{src} is the header of volume {saved.header.uuid}, "
-                              f"not of this volume ({current.header.uuid})")
     seq = max(saved.seqno, current.seqno if current else 0)
     base = hdr.Loaded(saved.header, seq, 0, (False, False), (None, None))
     return hdr.store(image_fd, saved.header, base).header

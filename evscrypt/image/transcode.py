@@ -4,7 +4,8 @@ A restore that changes the encryption (a new DK, a new CMK, or none) cannot
 copy ciphertext: it decrypts each written sector of the source with the
 source's cipher and writes the plaintext through the destination's engine,
 which encrypts it under the new DK (or stores it as is).  Unwritten sectors
-(stored as zeros) stay unwritten, so the destination stays sparse.
+(stored as zeros, where the source has the zero-unwritten feature) stay
+unwritten, so the destination stays sparse.
 
 The source arrives as chunks of its stored image bytes, (offset, data or
 None for an all-zero chunk), from a backup or from an image file.
@@ -34,7 +35,9 @@ def transcode(chunks: Iterable[tuple[int, object]], src: Header, src_cipher: Sec
             continue  # the header area
         stored = memoryview(data)[lo - off:hi - off]
         first = (lo - start) // SECTOR_SIZE
-        for i, j in nonzero_runs(stored, SECTOR_SIZE):
+        # without zero-unwritten (a preallocated source) every sector is data
+        runs = nonzero_runs(stored, SECTOR_SIZE) if src.zero_unwritten else [(0, len(stored) // SECTOR_SIZE)]
+        for i, j in runs:
             run = bytearray(stored[i * SECTOR_SIZE:j * SECTOR_SIZE])
             if src_cipher is not None:
                 src_cipher.decrypt_into(first + i, run, run)
