@@ -283,3 +283,23 @@ def test_substituted_image_refused_for_its_owner(make_daemon):  # noqa: F811
         assert "uvol" not in os.listdir(d.mountpoint)
     finally:
         subprocess.run(["userdel", user], capture_output=True)
+
+
+def test_open_volume_reads_the_header_under_the_lock(store, monkeypatch):
+    """A resize or header-restore cannot slip in between reading the header
+    and taking the image's lock: the header is read with the lock held."""
+    from evscrypt.image.backing import is_locked
+
+    store.create("v", 1 * MiB)
+    seen = []
+    real = hdr.load
+
+    def load(fd, path="image"):
+        seen.append(is_locked(store.path("v")))
+        return real(fd, path)
+
+    monkeypatch.setattr(hdr, "load", load)
+    store.open_volume("v").close()
+    with store.locked("v"):
+        pass
+    assert seen == [True, True]
