@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from .. import awsdeps
 from ..errors import (
     InvalidArgument, InvalidCiphertext, KeyNotFound, KeyStateError, KMSAccessDenied, KMSError, KMSUnavailable,
 )
@@ -78,9 +79,7 @@ class AwsKMS(KMSBackend):
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
+            boto3, Config = awsdeps.require("AWS KMS (--kms aws)")
             try:
                 self._client = boto3.client("kms", config=Config(
                     connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
