@@ -89,8 +89,9 @@ class AwsKMS(KMSBackend):
         return self._client
 
     def _call(self, key: str | None, op: str, **kw):
+        client = self.client  # outside the try: its own errors are already converted
         try:
-            return getattr(self.client, op)(**kw)
+            return getattr(client, op)(**kw)
         except Exception as e:
             converted = _convert(e, key)
             if converted is e:
@@ -142,8 +143,9 @@ class AwsKMS(KMSBackend):
         return out
 
     def _paginate(self, op: str):
+        client = self.client
         try:
-            yield from self.client.get_paginator(op).paginate()
+            yield from client.get_paginator(op).paginate()
         except Exception as e:
             converted = _convert(e, None)
             if converted is e:
