@@ -163,3 +163,23 @@ def test_setup_py_builds_the_stub_where_the_compiler_lacks_the_intrinsics(dist, 
     built, supported, path, right, _ = _run([sys.executable, "-c", LOAD_STUB, str(so)], env=env,
                                             cwd=tmp_path).stdout.split()
     assert (built, supported, path, right) == ("False", "False", "evp", "True")
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.4.2"])
+def test_the_patched_build_is_pinned_to_3_5_0(version):
+    """Any other pyfuse3 with the patches is refused with a clear message,
+    before anything is downloaded or changed in the venv."""
+    from evscrypt.daemon.datapath import PATCHED_VERSION
+
+    import pyfuse3
+
+    before = pyfuse3.__version__
+    p = subprocess.run([str(CHECKOUT / "scripts" / "build-pyfuse3.sh"), str(Path(sys.executable).parent.parent)],
+                       env={**os.environ, "PYFUSE3_VERSION": version}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith(f"build-pyfuse3: error: the patches are made for pyfuse3 {PATCHED_VERSION}; "
+                               f"pyfuse3 {version} is not supported with them.")
+    assert f"pip install pyfuse3=={version}" in p.stderr
+    out = subprocess.run([sys.executable, "-c", "import pyfuse3; print(pyfuse3.__version__)"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == before
