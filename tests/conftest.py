@@ -71,7 +71,8 @@ def stock_venv(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     p = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(CHECKOUT)],
                        capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, f"pip install {CHECKOUT} into a fresh venv failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, \
+        f"pip install {CHECKOUT} into a fresh venv failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return venv
 
 

@@ -41,7 +41,8 @@ def test_an_upstream_fallocate_alone_gives_discard_on_the_trio_path():
 def test_main_threads_on_anything_but_our_build_is_refused(version):
     with pytest.raises(UnsupportedFeature) as e:
         datapath.probe(fake(version, threads=True, fallocate=True))
-    assert f"pyfuse3 {version} has main_threads() but is not evscrypt's patched build of pyfuse3 3.5.0" in e.value.message
+    want = f"pyfuse3 {version} has main_threads() but is not evscrypt's patched build of pyfuse3 3.5.0"
+    assert want in e.value.message
     assert "make install" in e.value.message
 
 
