@@ -21,7 +21,7 @@ install-systemd: install
 	@scripts/install-systemd.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-stock build dist *.egg-info .pytest_cache .hypothesis
 
 bench: install
 	@scripts/bench.sh

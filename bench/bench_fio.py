@@ -14,6 +14,9 @@ Systems, all backed by files on the same (non-tmpfs) filesystem:
   gocryptfs   a 256 MiB image file inside a gocryptfs mount
   evscrypt    an evscrypt XTS-AES-256 volume (local KMS)
   evs-noenc   an evscrypt volume created with --no-encrypt
+  evs-stock   evscrypt as `pip install` gives it: stock pyfuse3, the trio data
+              path (.venv-stock, which scripts/bench.sh makes), encrypted;
+              next to `evscrypt` it shows what the pyfuse3 patches buy
 
 Every disk is set up first and prefilled once with a sequential 1 MiB write;
 then each job runs on every system in turn (interleaved, so that a change in
@@ -97,7 +100,7 @@ JOBS = [
     ("lat-4k-randread-qd1", "randread", "4k", 1),
 ]
 
-SYSTEMS = ["plain", "qemu-raw", "qemu-luks", "gocryptfs", "evscrypt", "evs-noenc"]
+SYSTEMS = ["plain", "qemu-raw", "qemu-luks", "gocryptfs", "evscrypt", "evs-noenc", "evs-stock"]
 DESCRIPTIONS = {
     "plain": "plain file on the scratch filesystem (no FUSE, no encryption)",
     "qemu-raw": "qemu-storage-daemon FUSE export of a raw file, cache.direct=off",
@@ -105,9 +108,12 @@ DESCRIPTIONS = {
     "gocryptfs": "256 MiB image file inside a gocryptfs mount (scryptn 10)",
     "evscrypt": "evscrypt volume, XTS-AES-256, local KMS",
     "evs-noenc": "evscrypt volume created with --no-encrypt",
+    "evs-stock": "evscrypt volume, XTS-AES-256, on stock pyfuse3 (the trio data path of a pip install)",
 }
 MAIN = "evscrypt"
-PEERS = ["plain", "qemu-raw", "qemu-luks", "gocryptfs", "evs-noenc"]
+PEERS = ["plain", "qemu-raw", "qemu-luks", "gocryptfs", "evs-noenc", "evs-stock"]
+#: The `evscrypt` of a plain pip install (stock pyfuse3), for evs-stock.
+STOCK_EXE = Path(os.environ.get("BENCH_STOCK_EVSCRYPT", str(ROOT / ".venv-stock" / "bin" / "evscrypt")))
 
 
 def is_iops_job(job: str) -> bool:
@@ -529,6 +535,36 @@ class Bench:
         st.alive = lambda: (f"evscrypt daemon exited ({p.returncode}){tail(logf)}" if p.poll() is not None
                             else None if on_fuse(disk) and disk.exists() else "disk file gone")
 
+    def setup_evs_stock(self, st: SystemState) -> None:
+        """A second daemon, from the stock venv, with its own home and runtime."""
+        if not os.access(STOCK_EXE, os.X_OK):
+            raise RuntimeError(f"{STOCK_EXE} not found (scripts/bench.sh makes .venv-stock)")
+        runtime = Path(tempfile.mkdtemp(prefix="evss.", dir="/tmp"))
+        env = dict(self.evs_env, EVSCRYPT_HOME=str(self.scratch / "evs-stock-home"), EVSCRYPT_RUNTIME_DIR=str(runtime))
+        p, logf = self.spawn(st, [str(STOCK_EXE), "daemon"], "evscrypt-stock-daemon.log", env=env)
+        mnt = runtime / "disks"
+
+        def stop():
+            stop_process(p, signal.SIGTERM, 60)
+            fusermount_u(mnt)
+            shutil.rmtree(runtime, ignore_errors=True)
+        self.on_cleanup("evs-stock: stop the daemon", stop)
+
+        def up():
+            return subprocess.run([str(STOCK_EXE), "status"], env=env, capture_output=True).returncode == 0
+        wait_until(up, 60, "evs-stock: waiting for the daemon", p, logf)
+        evs = lambda *a: self.run(st, [str(STOCK_EXE), *a], env=env).stdout.strip()  # noqa: E731
+        status = json.loads(evs("status", "--json"))
+        if status.get("data_path") != "trio":
+            raise RuntimeError(f"evs-stock runs the {status.get('data_path')} data path, not trio")
+        evs("volume", "create", "s", "--size", SIZE_ARG)
+        disk = Path(evs("attach", "s").splitlines()[-1])
+        self.on_cleanup("evs-stock: detach s",
+                        lambda: p.poll() is None and self.run(None, [str(STOCK_EXE), "detach", "s"], env=env))
+        st.disk, st.server_pid = disk, p.pid
+        st.alive = lambda: (f"evs-stock daemon exited ({p.returncode}){tail(logf)}" if p.poll() is not None
+                            else None if on_fuse(disk) and disk.exists() else "disk file gone")
+
     def setup(self, st: SystemState) -> None:
         if st.name == "plain":
             self.setup_plain(st)
@@ -542,6 +578,8 @@ class Bench:
             self.setup_evscrypt(st, "b", [])
         elif st.name == "evs-noenc":
             self.setup_evscrypt(st, "bp", ["--no-encrypt"])
+        elif st.name == "evs-stock":
+            self.setup_evs_stock(st)
         if st.name != "plain" and not on_fuse(st.disk):
             raise RuntimeError(f"{st.name}: {st.disk} is not on FUSE")
         if st.name == "plain" and on_fuse(st.disk):
@@ -786,7 +824,7 @@ def plot(data: dict, path: Path) -> str | None:
     widths = [max(len(j), 2) for j, _ in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(18, 6.5), gridspec_kw={"width_ratios": widths}, squeeze=False)
     colors = {"plain": "#7f7f7f", "qemu-raw": "#1f77b4", "qemu-luks": "#17becf", "gocryptfs": "#2ca02c",
-              "evscrypt": "#d62728", "evs-noenc": "#ff9896"}
+              "evscrypt": "#d62728", "evs-noenc": "#ff9896", "evs-stock": "#9467bd"}
     n = len(systems)
     bw = 0.8 / n
     for ax, (jobs, title) in zip(axes[0], panels):

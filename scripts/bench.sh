@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: fio side by side on a 256 MiB disk: a plain file, qemu-storage-daemon
-# FUSE exports (raw and LUKS), gocryptfs, and evscrypt (encrypted and --no-encrypt).
+# FUSE exports (raw and LUKS), gocryptfs, and evscrypt (encrypted, --no-encrypt,
+# and on stock pyfuse3 as a pip install runs it).
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
 # see bench/bench_fio.py for the other BENCH_* variables.
@@ -29,6 +30,18 @@ if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
     echo "bench: pip install matplotlib into $VENV (for the PNG only)"
     "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib \
         || echo "bench: could not install matplotlib; the PNG will be skipped" >&2
+fi
+
+# evs-stock: evscrypt as a plain `pip install` gives it (stock pyfuse3, the
+# trio data path), in a venv of its own, remade when the sources change.
+STOCK=.venv-stock
+if [[ ! -x $STOCK/bin/evscrypt || -n $(find evscrypt pyproject.toml setup.py -newer "$STOCK/bin/evscrypt" -print -quit) ]]; then
+    echo "bench: making $STOCK (pip install . with stock pyfuse3)"
+    rm -rf "$STOCK"
+    "${PYTHON:-python3}" -m venv "$STOCK"
+    "$STOCK/bin/pip" install -q --disable-pip-version-check . \
+        || echo "bench: could not make $STOCK; evs-stock will be skipped" >&2
+    touch "$STOCK/bin/evscrypt" 2>/dev/null || true
 fi
 
 exec "$VENV/bin/python" bench/bench_fio.py "$@"

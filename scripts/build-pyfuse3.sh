@@ -23,7 +23,11 @@
 # wheels), and access to the package index.
 set -euo pipefail
 
-PYFUSE3_VERSION=3.5.0
+# The patches are made for this release and no other: their hunks, the
+# sdist's sha256 and the Cython below are its.  PYFUSE3_VERSION may be set
+# only to say so again; any other version fails here, before any download.
+PATCHED_FOR=3.5.0
+PYFUSE3_VERSION=${PYFUSE3_VERSION:-$PATCHED_FOR}
 SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 # The Cython that generated the __init__.c shipped in the 3.5.0 sdist.
 CYTHON_VERSION=3.2.4
@@ -34,6 +38,9 @@ die() { echo "build-pyfuse3: error: $*" >&2; exit 1; }
 say() { echo "build-pyfuse3: $*"; }
 
 (($# == 1)) || die "usage: $0 VENV"
+[[ $PYFUSE3_VERSION == "$PATCHED_FOR" ]] || die "the patches are made for pyfuse3 $PATCHED_FOR; pyfuse3 \
+$PYFUSE3_VERSION is not supported with them.  Use $PATCHED_FOR, or run stock pyfuse3 $PYFUSE3_VERSION \
+without the patches (pip install pyfuse3==$PYFUSE3_VERSION: the trio data path, no discard)"
 VENV=$(cd "$1" 2>/dev/null && pwd) || die "no such directory: $1"
 PY=$VENV/bin/python
 [[ -x $PY ]] || die "$PY is missing or not executable"

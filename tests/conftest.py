@@ -1,9 +1,13 @@
 """Shared fixtures: a fresh state directory, a volume store on it, a local
-KMS with an injectable clock.  Everything lives under pytest's tmp_path."""
+KMS with an injectable clock (everything under pytest's tmp_path), and the
+session's fresh pip-installed venv (stock pyfuse3)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +54,35 @@ def clock():
 def kms(home, clock):
     """The local KMS of ``home`` (the directory VolumeStore uses), on a fake clock."""
     return LocalKMS(home / "kms" / "local", clock=clock)
+
+
+#: The checkout under test (what `pip install .` installs).
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def stock_venv(tmp_path_factory) -> Path:
+    """A fresh venv with ``pip install CHECKOUT``, exactly as a user without
+    make gets evscrypt: stock pyfuse3 from the package index (the trio data
+    path), no test extra, no boto3.  Built once per test session; pip's own
+    cache makes a second session quick (pyfuse3 has no wheels, so its first
+    build compiles it)."""
+    venv = tmp_path_factory.mktemp("stock-venv")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    p = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(CHECKOUT)],
+                       capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, \
+        f"pip install {CHECKOUT} into a fresh venv failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return venv
+
+
+@pytest.fixture
+def evscrypt_exe(request) -> tuple[str, str]:
+    """(the `evscrypt` program, the data path it must run) for the daemon
+    fixtures: the project venv's, or with the parameter "stock" (see
+    daemon_fixture.both_pyfuse3) the session's fresh pip-installed venv's."""
+    from daemon_fixture import DATA_PATHS, EVSCRYPT
+
+    flavour = getattr(request, "param", "patched")
+    exe = EVSCRYPT if flavour == "patched" else str(request.getfixturevalue("stock_venv") / "bin" / "evscrypt")
+    return exe, DATA_PATHS[flavour]

@@ -16,7 +16,11 @@ after a crash or a SIGKILL in the middle of it:
 4. ``fusermount3 -u -z`` the FUSE mountpoint (``umount -l`` as a fallback).
 
 Import the fixtures into a test module (``from daemon_fixture import daemon,
-make_daemon``) or use the class directly.
+make_daemon``) or use the class directly.  The daemons run the project
+venv's ``evscrypt`` (patched pyfuse3: the threads data path); a test marked
+:data:`both_pyfuse3` runs once more on the session's fresh pip-installed venv
+(stock pyfuse3: the trio data path), and every daemon checks at start that
+it runs the data path its venv should give.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import pytest
 
 #: The installed entry point of the project venv (same interpreter as pytest).
 EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
+#: Which data path each flavour of install runs (see evscrypt/daemon/datapath.py).
+DATA_PATHS = {"patched": "threads", "stock": "trio"}
 FUSERMOUNT = shutil.which("fusermount3")
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
@@ -109,7 +115,9 @@ class Daemon:
     """One `evscrypt daemon` process and the CLI that talks to it."""
 
     def __init__(self, home: Path, runtime: Path | None = None, log_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), exe: str = EVSCRYPT, data_path: str | None = None):
+        self.exe = exe
+        self.data_path = data_path  # the data path start() requires, if given
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(runtime) if runtime else Path(tempfile.mkdtemp(prefix="evs-", dir="/tmp"))
@@ -134,7 +142,7 @@ class Daemon:
         self.log_path = self.log_dir / f"daemon-{os.getpid()}-{id(self):x}-{self._starts}.log"
         log = open(self.log_path, "wb")
         try:
-            return subprocess.Popen([EVSCRYPT, "daemon", *self.extra_args], env=self.env,
+            return subprocess.Popen([self.exe, "daemon", *self.extra_args], env=self.env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
@@ -144,6 +152,9 @@ class Daemon:
         self.returncode = None
         self.proc = self.popen()
         self.wait_ready(timeout)
+        if self.data_path is not None:
+            got = self.status().get("data_path")
+            assert got == self.data_path, f"{self.exe} runs the {got} data path, not {self.data_path}:\n{self.log}"
         return self
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -207,7 +218,7 @@ class Daemon:
     # -- CLI -------------------------------------------------------------------
     def cli(self, *args: str, check: bool = True, timeout: float = 120,
             input: str | None = None) -> subprocess.CompletedProcess:
-        p = subprocess.run([EVSCRYPT, *map(str, args)], env=self.env, capture_output=True, text=True,
+        p = subprocess.run([self.exe, *map(str, args)], env=self.env, capture_output=True, text=True,
                            timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
         if check and p.returncode != 0:
             raise AssertionError(f"evscrypt {' '.join(map(str, args))} exited {p.returncode}\n"
@@ -270,14 +281,16 @@ class Daemon:
 class DaemonFactory:
     """Makes daemons for one test and cleans up all of them."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, exe: str = EVSCRYPT, data_path: str | None = None):
         self.tmp_path = Path(tmp_path)
         self.home = self.tmp_path / "home"
+        self.exe, self.data_path = exe, data_path
         self.daemons: list[Daemon] = []
 
     def __call__(self, home: Path | None = None, runtime: Path | None = None, start: bool = True,
                  extra_args: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args)
+        d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args, exe=self.exe,
+                   data_path=self.data_path)
         self.daemons.append(d)
         if start:
             d.start()
@@ -290,14 +303,19 @@ class DaemonFactory:
             d.cleanup()
 
 
+#: Run a daemon test on both installs: patched pyfuse3 (threads) and stock
+#: (trio); the ``evscrypt_exe`` fixture (conftest.py) takes the parameter.
+both_pyfuse3 = pytest.mark.parametrize("evscrypt_exe", list(DATA_PATHS), indirect=True)
+
+
 @pytest.fixture
-def make_daemon(tmp_path):
+def make_daemon(tmp_path, evscrypt_exe):
     """A factory: make_daemon(home=None, runtime=None, start=True) -> Daemon.
     All daemons share tmp_path/home unless told otherwise."""
     reason = fuse_skip_reason()
     if reason:
         pytest.skip(reason)
-    factory = DaemonFactory(tmp_path)
+    factory = DaemonFactory(tmp_path, *evscrypt_exe)
     try:
         yield factory
     finally:

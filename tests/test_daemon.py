@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, needs_fio, pread_all,
-    pwrite_all, read_direct, run_as, volume_status,
+    Daemon, both_pyfuse3, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, needs_fio,
+    pread_all, pwrite_all, read_direct, run_as, volume_status,
 )
 from evscrypt import client
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
@@ -89,6 +89,7 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
 
 
 # -- data path --------------------------------------------------------------------
+@both_pyfuse3
 @pytest.mark.parametrize("encrypted", [True, False], ids=["encrypted", "plain"])
 def test_roundtrip_plaintext_and_ciphertext(daemon, encrypted):
     size = 8 * MiB
@@ -296,6 +297,52 @@ def test_disk_belongs_to_the_attaching_user(make_daemon):
         assert eng.read(4096, 17) == b"hello from nobody"
 
 
+# -- the data path of each install ------------------------------------------------
+def punch_hole(fd: int, off: int, length: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, 0x02 | 0x01, off, length) != 0:  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@both_pyfuse3
+def test_data_path_is_logged_reported_and_decides_discard(daemon, evscrypt_exe):
+    """The daemon logs one line naming its data path, and status names it and
+    the XTS backend.  Discard frees sectors on the patched build; on stock
+    pyfuse3 the fallocate op never reaches the daemon, so it answers
+    EOPNOTSUPP and the data stays."""
+    from evscrypt.crypto import backend
+
+    data_path = evscrypt_exe[1]
+    st = daemon.status()
+    assert st["data_path"] == data_path and st["discard"] == (data_path == "threads")
+    assert st["xts_backend"] == backend.describe(backend.choose())  # same machine, same environment
+    lines = [line for line in daemon.log.splitlines() if "data path:" in line]
+    assert len(lines) == 1 and f"data path: {data_path} (" in lines[0], daemon.log
+    assert f"XTS: {st['xts_backend']}" in lines[0]
+
+    daemon.cli("volume", "create", "dp", "--size", "1M")
+    path = daemon.attach("dp")
+    write_sync(path, 0, b"\x5a" * (2 * SECTOR_SIZE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if data_path == "threads":
+            punch_hole(fd, 0, SECTOR_SIZE)
+            assert volume_status(daemon, "dp")["io"]["discards"] == 1
+            assert read_direct(path, 0, 2 * SECTOR_SIZE) == bytes(SECTOR_SIZE) + b"\x5a" * SECTOR_SIZE
+        else:
+            with pytest.raises(OSError) as e:
+                punch_hole(fd, 0, SECTOR_SIZE)
+            assert e.value.errno == errno.EOPNOTSUPP
+            assert volume_status(daemon, "dp")["io"]["discards"] == 0
+            assert read_direct(path, 0, 2 * SECTOR_SIZE) == b"\x5a" * (2 * SECTOR_SIZE)
+    finally:
+        os.close(fd)
+
+
 # -- fio -------------------------------------------------------------------------
 FIO_PATTERNS = {"rand4k": ["--rw=randwrite", "--bs=4k"], "seq1M": ["--rw=write", "--bs=1M"]}
 FIO_ENGINES = {"libaio": ["--ioengine=libaio", "--iodepth=16", "--direct=1"], "psync": ["--ioengine=psync"]}
@@ -313,6 +360,7 @@ def run_fio(path: Path, args: list[str]) -> dict:
     return job
 
 
+@both_pyfuse3
 @needs_fio
 @pytest.mark.parametrize("engine", FIO_ENGINES)
 @pytest.mark.parametrize("pattern", FIO_PATTERNS)
@@ -348,6 +396,7 @@ def write_files(mnt: Path, seed: int, n: int = 4) -> dict[str, str]:
     return sums
 
 
+@both_pyfuse3
 @needs_loop
 def test_ext4_mount_detach_reattach(daemon, tmp_path):
     daemon.cli("volume", "create", "fs", "--size", "64M")
@@ -470,6 +519,7 @@ def test_refused_detach_leaves_the_mount_alone(daemon, tmp_path):
 
 
 # -- lifecycle ----------------------------------------------------------------------
+@both_pyfuse3
 def test_data_persists_across_restart(daemon):
     daemon.cli("volume", "create", "p", "--size", "4M")
     path = daemon.attach("p")
@@ -524,6 +574,7 @@ def test_double_attach_and_second_daemon(make_daemon):
     d.stop()
 
 
+@both_pyfuse3
 def test_detach_refuses_while_open_and_force(daemon):
     daemon.cli("volume", "create", "o", "--size", "1M")
     path = daemon.attach("o")
@@ -608,6 +659,7 @@ def test_force_detach_drops_cached_plaintext(daemon):
             os.close(fd)
 
 
+@both_pyfuse3
 def test_force_detach_read_gives_eio(daemon):
     daemon.cli("volume", "create", "e", "--size", "1M")
     path = daemon.attach("e")
@@ -676,6 +728,7 @@ def test_key_disabled_or_pending_deletion_while_attached(daemon):
 
 
 # -- signals -----------------------------------------------------------------------
+@both_pyfuse3
 @needs_loop
 def test_sigterm_detaches_everything_and_keeps_fsynced_data(daemon, tmp_path):
     daemon.cli("volume", "create", "raw", "--size", "4M")

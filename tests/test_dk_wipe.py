@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon_fixture import both_pyfuse3
 from evscrypt.volumes import VolumeStore
-
-EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None or os.geteuid() != 0,
@@ -64,24 +63,29 @@ def test_scanner_finds_a_planted_key():
         p.wait()
 
 
-def test_dk_absent_from_daemon_memory_after_detach():
+@both_pyfuse3
+def test_dk_absent_from_daemon_memory_after_detach(evscrypt_exe):
+    """On both data paths: the trio path's reads and writes run in other
+    threads (trio's), with other buffers, than the threads path's."""
+    exe, data_path = evscrypt_exe
     home = Path(tempfile.mkdtemp(prefix="evs-wipe-"))
     runtime = Path(tempfile.mkdtemp(prefix="evr-"))
     env = dict(os.environ, EVSCRYPT_HOME=str(home), EVSCRYPT_RUNTIME_DIR=str(runtime))
 
     def cli(*args):
-        return subprocess.run([EVSCRYPT, *args], env=env, capture_output=True, text=True, check=True).stdout
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True, check=True).stdout
 
     cli("volume", "create", "secretvol", "--size", "16M")
     store = VolumeStore(home)
     with store.data_key("secretvol") as dk:
         halves = [bytes(dk.buffer[:32]), bytes(dk.buffer[32:])]
-    daemon = subprocess.Popen([EVSCRYPT, "daemon"], env=env, stderr=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen([exe, "daemon"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 20
-        while subprocess.run([EVSCRYPT, "status"], env=env, capture_output=True).returncode != 0:
+        while subprocess.run([exe, "status"], env=env, capture_output=True).returncode != 0:
             assert time.time() < deadline, "daemon did not come up"
             time.sleep(0.1)
+        assert f'"data_path": "{data_path}"' in cli("status", "--json")
         path = cli("attach", "secretvol").strip()
         # exercise the cipher: encrypt and decrypt through the mount
         fd = os.open(path, os.O_RDWR)

@@ -16,6 +16,7 @@ import ctypes.util
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -360,3 +361,31 @@ def test_enosys_disables_fallocate_for_the_mount(enosys_mount):
         os.close(fd)
     assert m.new_calls() == [dict(fh=m.last_fh(), mode=mode, offset=0, length=4096)]
     assert m.file.read_bytes() == pattern()
+
+
+@pytest.mark.skipif(shutil.which("patch") is None, reason="GNU patch is not installed")
+@pytest.mark.skipif(os.geteuid() != 0, reason="upstream's FUSE tests mount as root here")
+def test_the_patchs_own_upstream_test_passes(tmp_path):
+    """The patch carries its test in upstream's form (test/test_fs.py,
+    test_fallocate): apply the patch alone to the pinned sdist and run that
+    test, with upstream's own harness, against the installed build."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "scripts" / "build-pyfuse3.sh").read_text()
+    version = re.search(r"^PATCHED_FOR=(\S+)$", script, re.M).group(1)
+    sha256 = re.search(r"^SDIST_SHA256=(\S+)$", script, re.M).group(1)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                    "--no-binary", "pyfuse3", "-d", str(tmp_path), f"pyfuse3=={version}"], check=True, timeout=300,
+                   capture_output=True)
+    sdist = tmp_path / f"pyfuse3-{version}.tar.gz"
+    assert hashlib.sha256(sdist.read_bytes()).hexdigest() == sha256
+    subprocess.run(["tar", "-xzf", str(sdist), "-C", str(tmp_path)], check=True)
+    src = tmp_path / f"pyfuse3-{version}"
+    with open(root / "patches" / f"pyfuse3-{version}-fallocate.patch", "rb") as f:
+        subprocess.run(["patch", "-p1", "--forward", "--batch", "-d", str(src)], stdin=f, check=True,
+                       capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--installed", "-q",
+                        "test_fs.py::test_fallocate"], cwd=src / "test", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert "1 passed" in p.stdout

@@ -1,6 +1,7 @@
 """Independent oracles for XTS-AES-256 and our sector -> tweak convention.
 
-Four oracles, none of which is ``evscrypt`` itself:
+Every test runs on each XTS implementation (vaes, evp, reference) this
+machine has.  Four oracles, none of which is ``evscrypt`` itself:
 
 * NIST CAVP XTSGenAES256 vectors shipped in ``cryptography_vectors`` (both the
   128-bit hex tweak files and the data-unit-sequence-number files);
@@ -27,8 +28,23 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from evscrypt.crypto import backend, evp, vaes
 from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt, tweak
 from evscrypt.secret import Secret
+
+
+@pytest.fixture(scope="module", autouse=True, params=backend.NAMES)
+def xts_backend(request):
+    """Every test here runs on each implementation this machine has
+    (EVSCRYPT_XTS forces it; _sector_cipher checks that it ran)."""
+    name = request.param
+    if name == "vaes" and not vaes.available():
+        pytest.skip("this CPU has no VAES/AVX-512")
+    if name == "evp" and not evp.available():
+        pytest.skip("libcrypto is not loadable")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("EVSCRYPT_XTS", name)
+        yield name
 
 # --------------------------------------------------------------------------
 # helpers
@@ -77,7 +93,9 @@ def pure_python_xts(key: bytes, tweak16: bytes, data: bytes, encrypt: bool) -> b
 
 
 def _sector_cipher(key: bytes) -> SectorCipher:
-    return SectorCipher(Secret.from_buffer(key))
+    sc = SectorCipher(Secret.from_buffer(key))
+    assert sc.path == os.environ["EVSCRYPT_XTS"]
+    return sc
 
 
 def _prefix_via_sector_cipher(sc: SectorCipher, sector: int, data: bytes, encrypt: bool) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 
+from .. import awsdeps
 from ..errors import EvscryptError, NotFound, PermissionDenied, StorageError
 from .store import BACKUPS, CHUNKS, BackupStore
 
@@ -69,9 +70,7 @@ class S3Store(BackupStore):
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
+            boto3, Config = awsdeps.require("S3 backups (s3://)")
             try:
                 self._client = boto3.client("s3", config=Config(
                     connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
@@ -113,11 +112,12 @@ class S3Store(BackupStore):
         return {n for n in self._list(CHUNKS) if n and "/" not in n}
 
     def put_chunk(self, digest: str, data) -> None:
+        client = self.client  # first: it reports a missing boto3
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=4)
         try:
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(CHUNKS, digest), Config=config)
+            client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(CHUNKS, digest), Config=config)
         except EvscryptError:
             raise
         except Exception as e:

@@ -52,7 +52,8 @@ class LazyGroup(click.Group):
               help="State directory (default: $EVSCRYPT_HOME, /var/lib/evscrypt for root, "
                    "~/.local/share/evscrypt otherwise).")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.version_option(__version__, prog_name="evscrypt")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _version(c, v),
+              help="Show the version, the FUSE data path and the XTS backend, and exit.")
 @click.pass_context
 def cli(ctx: click.Context, home, debug):
     """evscrypt: encrypted block volumes with cloud-style key management."""
@@ -73,6 +74,28 @@ def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
+def _version(ctx: click.Context, value: bool) -> None:
+    """--version: what this installation runs, as the daemon would run it."""
+    if not value or ctx.resilient_parsing:
+        return
+    from ..crypto import backend
+    from ..daemon import datapath
+    from ..errors import EvscryptError
+
+    click.echo(f"evscrypt, version {__version__}")
+    try:
+        click.echo(f"data path: {datapath.probe().describe()}")
+    except ImportError as e:
+        click.echo(f"data path: none: pyfuse3 cannot be imported ({e})")
+    except EvscryptError as e:
+        click.echo(f"data path: refused: {e.message}")
+    try:
+        click.echo(f"XTS backend: {backend.describe(backend.choose())}")
+    except EvscryptError as e:
+        click.echo(f"XTS backend: refused: {e.message}")
+    ctx.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

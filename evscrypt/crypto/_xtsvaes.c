@@ -23,9 +23,20 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Where the compiler lacks the VAES/VPCLMULQDQ/AVX-512 intrinsics (setup.py
+ * probes it and then defines EVSCRYPT_NO_VAES), or off x86-64, the module
+ * is a stub: it imports with BUILT and SUPPORTED false, its functions raise,
+ * and backend.py chooses EVP at run time.  Building with -DEVSCRYPT_NO_VAES
+ * simulates such a compiler (tests/test_build.py). */
+#if defined(__x86_64__) && !defined(EVSCRYPT_NO_VAES)
+#define HAVE_VAES 1
+#include <immintrin.h>
+#else
+#define HAVE_VAES 0
+#endif
 
 /* Round keys: 15 for encryption with key 1, 15 for decryption with key 1,
  * 15 for encryption with key 2 (the tweak key). */
@@ -33,6 +44,7 @@
 #define SCHED_SIZE (3 * (ROUNDS + 1) * 16)
 #define GIL_KEEP_SECTORS 4
 
+#if HAVE_VAES
 #define TARGET __attribute__((target("aes,sse4.1,avx2,avx512f,avx512bw,avx512vl,vaes,vpclmulqdq")))
 
 static int
@@ -384,6 +396,21 @@ done:
     return ret;
 }
 
+#else /* !HAVE_VAES: the stub */
+
+static int supported = 0;
+
+static PyObject *
+not_built(PyObject *self, PyObject *args)
+{
+    PyErr_SetString(PyExc_RuntimeError, "_xtsvaes was built without VAES (the compiler lacks the intrinsics)");
+    return NULL;
+}
+#define py_expand not_built
+#define py_crypt_sectors not_built
+#define py_crypt_unit not_built
+#endif /* HAVE_VAES */
+
 static PyMethodDef methods[] = {
     {"expand", py_expand, METH_VARARGS,
      "expand(key64, sched)\n\nFill sched (SCHED_SIZE bytes) with the round keys of a 64-byte XTS key."},
@@ -404,8 +431,11 @@ PyInit__xtsvaes(void)
     PyObject *m = PyModule_Create(&module);
     if (!m)
         return NULL;
+#if HAVE_VAES
     supported = cpu_supported();
+#endif
     if (PyModule_AddIntConstant(m, "SCHED_SIZE", SCHED_SIZE) < 0 ||
+        PyModule_AddObject(m, "BUILT", PyBool_FromLong(HAVE_VAES)) < 0 ||
         PyModule_AddObject(m, "SUPPORTED", PyBool_FromLong(supported)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -58,6 +58,35 @@ def available() -> bool:
     return _load() is not None
 
 
+def version_num() -> int:
+    """OpenSSL_version_num() of the loaded libcrypto (0x30000130 for 3.0.19), 0 without one."""
+    lib = _load()
+    if lib is None:
+        return 0
+    try:
+        fn = lib.OpenSSL_version_num
+    except AttributeError:  # OpenSSL < 1.1 names it SSLeay; too old to matter
+        return 0
+    fn.restype = ctypes.c_ulong
+    return int(fn())
+
+
+def version() -> str | None:
+    """The loaded libcrypto's version, e.g. '3.0.19' (None without one)."""
+    lib = _load()
+    if lib is None:
+        return None
+    try:
+        fn = lib.OpenSSL_version
+    except AttributeError:
+        return None
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = (ctypes.c_int,)
+    text = (fn(0) or b"").decode(errors="replace")  # OPENSSL_VERSION: "OpenSSL 3.0.19 27 Jan 2026"
+    parts = text.split()
+    return parts[1] if len(parts) > 1 else text or None
+
+
 def loop_impl() -> str:
     """Which sector loop runs: 'c' (the _xtsloop extension) or 'ctypes'."""
     return "c" if _xtsloop is not None else "ctypes"

@@ -1,8 +1,10 @@
 """The fastest XTS path: VAES and AVX-512 in C (``_xtsvaes``).
 
 Used where the CPU has VAES, VPCLMULQDQ and AVX-512 and the kernel saves
-their state (checked once, at import, by the extension); ``available()`` is
-False elsewhere and xts.py uses the OpenSSL path (evp.py).  It runs about
+their state (checked once, at import, by the extension), unless the system
+libcrypto has its own VAES XTS (backend.py decides); ``available()`` is
+False elsewhere, and where the compiler lacked the intrinsics the extension
+is a stub (``BUILT`` False).  It runs about
 twice as fast as OpenSSL 3.0's XTS on such CPUs, which is what decides how
 close encrypted I/O comes to unencrypted I/O on a small machine.
 
@@ -27,6 +29,17 @@ _crypt_sectors = _xtsvaes.crypt_sectors if _xtsvaes is not None else None
 
 def available() -> bool:
     return _xtsvaes is not None and bool(_xtsvaes.SUPPORTED)
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False, in one line (for a forced choice)."""
+    if _xtsvaes is None:
+        return "evscrypt was installed without its _xtsvaes extension (not x86-64, or no C compiler)"
+    if not getattr(_xtsvaes, "BUILT", True):
+        return "the compiler that built evscrypt lacks the VAES/AVX-512 intrinsics (_xtsvaes is a stub)"
+    if not _xtsvaes.SUPPORTED:
+        return "this CPU (or kernel) has no VAES/VPCLMULQDQ/AVX-512"
+    return "available"
 
 
 class VaesXts:

@@ -11,13 +11,11 @@ cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
 
 from __future__ import annotations
 
-import os
-
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..parallel import MIN_PART_SECTORS, split_run
 from ..secret import Secret
-from . import evp, vaes
+from . import backend, evp, vaes
 
 SECTOR_SIZE = 4096
 #: dm-crypt's plain64 IV counts 512-byte units (no iv_large_sectors).
@@ -78,12 +76,11 @@ class SectorCipher:
         self._key = key.copy()
         self._aes = algorithms.AES(self._key.view())
         self._fast = None
-        self._path = "cryptography"
-        choice = os.environ.get("EVSCRYPT_XTS", "auto")
-        if choice in ("auto", "vaes") and vaes.available():
-            self._fast, self._path = vaes.VaesXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR), "vaes"
-        elif choice != "reference" and evp.available():
-            self._fast, self._path = evp.EvpXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR), "evp"
+        self._path = backend.choose()
+        if self._path == "vaes":
+            self._fast = vaes.VaesXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR)
+        elif self._path == "evp":
+            self._fast = evp.EvpXts(self._key.view(), SECTOR_SIZE, IV_PER_SECTOR)
         self._whole = self._path != "evp"  # requests run whole, never split (see splits)
 
     @property
@@ -100,9 +97,9 @@ class SectorCipher:
 
     @property
     def path(self) -> str:
-        """Which implementation runs: 'vaes' (VAES/AVX-512 in C, where the
-        CPU has it), 'evp' (OpenSSL) or 'cryptography' (the reference).
-        ``EVSCRYPT_XTS=evp|reference`` picks a slower one."""
+        """Which implementation runs: 'vaes' (VAES/AVX-512 in C), 'evp'
+        (OpenSSL) or 'reference' (``cryptography``); backend.py chooses,
+        and ``EVSCRYPT_XTS`` forces one."""
         return self._path
 
     def _crypt_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool = False) -> None:

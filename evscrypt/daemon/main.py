@@ -20,11 +20,12 @@ import pyfuse3
 import trio
 
 from .. import client
+from ..crypto import backend
 from ..errors import Busy, DaemonUnavailable, EvscryptError
 from ..paths import socket_path
 from ..secret import set_nondumpable
 from ..volumes import VolumeStore
-from . import loopmount
+from . import datapath, loopmount
 from .control import ControlServer
 from .manager import VolumeManager
 from .notify import sd_notify
@@ -67,9 +68,9 @@ def setup_logging(debug: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
-async def _serve(manager: VolumeManager, control: ControlServer) -> None:
+async def _serve(manager: VolumeManager, control: ControlServer, fuse_main) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pyfuse3.main_threads, FUSE_THREADS)
+        nursery.start_soon(fuse_main)
         await nursery.start(control.serve)
         sd_notify("READY=1")
         log.info("ready: disks at %s, control socket %s", manager.disks, control.path)
@@ -87,6 +88,8 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
         debug: bool = False) -> int:
     setup_logging(debug)
     set_nondumpable()
+    dp, xts = datapath.probe(), backend.describe(backend.choose())
+    log.info("data path: %s; XTS: %s", dp.describe(), xts)
     runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
     mountpoint = Path(mountpoint or runtime / "disks")
     sock = socket_path(runtime)
@@ -100,6 +103,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     manager = VolumeManager(VolumeStore(home), mountpoint)
+    manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts)
     ops = Operations(manager)
     options = set(pyfuse3.default_options)
     options |= {"fsname=evscrypt", "subtype=evscrypt", "allow_other"}
@@ -109,7 +113,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
         raise EvscryptError(f"cannot mount FUSE at {mountpoint}: {e}")
     unmounted = False
     try:
-        trio.run(_serve, manager, ControlServer(manager, sock, socket_group))
+        trio.run(_serve, manager, ControlServer(manager, sock, socket_group), dp.main(FUSE_THREADS))
         pyfuse3.close(unmount=True)
         unmounted = True
     finally:

@@ -169,6 +169,8 @@ class VolumeManager:
         self.invalidate = lambda inode, name: None
         self.invalidate_data = lambda inode: None
         self.invalidate_attr = lambda inode: None
+        # set by the daemon at start, reported by status: data_path, xts_backend
+        self.facts: dict = {}
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -437,4 +439,5 @@ class VolumeManager:
                     for a in atts:
                         if a.header.encrypted:
                             n.start_soon(self._key_warning, a)
-        return {"pid": os.getpid(), "mountpoint": str(self.disks), "volumes": [self.describe(a) for a in atts]}
+        return {"pid": os.getpid(), "mountpoint": str(self.disks), **self.facts,
+                "volumes": [self.describe(a) for a in atts]}

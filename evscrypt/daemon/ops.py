@@ -3,9 +3,12 @@
 A flat directory holds one regular file per attached volume.  This layer
 never touches a cipher; it finds the attachment, clamps the range, runs the
 engine and turns errors into errno through errno_map, the only place that
-knows that mapping.  Reads and writes run synchronously in pyfuse3's worker
-threads (read_sync, write_sync); everything else is an async handler in the
-trio thread, with its engine calls (fsync, discard) in a thread.
+knows that mapping.  On the threads data path (patched pyfuse3, see
+datapath.py) reads and writes run synchronously in pyfuse3's worker threads
+(read_sync, write_sync); on the trio path (stock pyfuse3) they come to the
+async read and write handlers.  Everything else is an async handler in the
+trio thread, with its engine calls (reads and writes there too, fsync,
+discard) in a thread.
 """
 
 from __future__ import annotations
@@ -283,8 +286,19 @@ class Operations(pyfuse3.Operations):
         v.write_done(n)
         return n
 
+    async def read(self, fh, off, size):
+        """Every read on the trio data path (stock pyfuse3): the engine
+        call in an I/O thread (never block the trio thread)."""
+        v = self._live(fh)
+        if not 0 <= off < v.size or size <= 0:
+            return b""
+        size = min(size, v.size - off)
+        # split across the cores only when it is the volume's only request (see _write)
+        return await self._run(v, lambda: v.engine.read(off, size, v.inflight == 1), kind="reads")
+
     async def write(self, fh, off, buf):
-        """A write that found the gate closed: wait for it here, then write
+        """Every write on the trio data path, and on the threads path a
+        write that found the gate closed: wait for the gate here, then write
         in an I/O thread (never block the trio thread)."""
         v = self._live(fh)
         if off >= v.size:
@@ -293,7 +307,8 @@ class Operations(pyfuse3.Operations):
             buf = memoryview(buf)[:v.size - off]
         async with v.gate:  # held while a snapshot takes its copy point
             v = self._live(fh)
-            return await self._run(v, v.engine.write, off, buf, kind="writes", nbytes=len(buf))
+            return await self._run(v, lambda: v.engine.write(off, buf, v.inflight == 1), kind="writes",
+                                   nbytes=len(buf))
 
     async def _run(self, v: Attachment, fn, *args, kind: str | None = None, nbytes: int = 0):
         """Run an engine call in a worker thread from the trio thread."""
@@ -304,6 +319,8 @@ class Operations(pyfuse3.Operations):
             result = await trio.to_thread.run_sync(fn, *args, limiter=self.m.io_limiter)
             if kind == "writes":
                 counts = {"writes": 1, "bytes_written": nbytes}
+            elif kind == "reads":
+                counts = {"reads": 1, "bytes_read": len(result)}
             elif kind:
                 counts = {kind: 1}
             return result

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from .. import awsdeps
 from ..errors import (
     InvalidArgument, InvalidCiphertext, KeyNotFound, KeyStateError, KMSAccessDenied, KMSError, KMSUnavailable,
 )
@@ -78,9 +79,7 @@ class AwsKMS(KMSBackend):
     @property
     def client(self):
         if self._client is None:
-            import boto3
-            from botocore.config import Config
-
+            boto3, Config = awsdeps.require("AWS KMS (--kms aws)")
             try:
                 self._client = boto3.client("kms", config=Config(
                     connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
@@ -90,8 +89,9 @@ class AwsKMS(KMSBackend):
         return self._client
 
     def _call(self, key: str | None, op: str, **kw):
+        client = self.client  # outside the try: its own errors are already converted
         try:
-            return getattr(self.client, op)(**kw)
+            return getattr(client, op)(**kw)
         except Exception as e:
             converted = _convert(e, key)
             if converted is e:
@@ -143,8 +143,9 @@ class AwsKMS(KMSBackend):
         return out
 
     def _paginate(self, op: str):
+        client = self.client
         try:
-            yield from self.client.get_paginator(op).paginate()
+            yield from client.get_paginator(op).paginate()
         except Exception as e:
             converted = _convert(e, None)
             if converted is e:
