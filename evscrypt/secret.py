@@ -35,6 +35,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 for _name in ("mlock", "munlock"):
     getattr(_libc, _name).argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.mlockall.argtypes = (ctypes.c_int,)
+_libc.munlockall.argtypes = ()
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
 _libc.getrandom.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
 _libc.getrandom.restype = ctypes.c_ssize_t
@@ -303,30 +304,31 @@ def _has_cap_ipc_lock() -> bool:
     return False
 
 
-def memory_lock_problem() -> str | None:
-    """Why this process could not keep all its memory locked, or None.
-
-    With ``MCL_FUTURE`` every later allocation counts against
-    RLIMIT_MEMLOCK, so a finite limit without CAP_IPC_LOCK would make some
-    allocation fail later, at any point: refuse at start instead."""
+def _memlock_limit() -> str:
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if soft == resource.RLIM_INFINITY or _has_cap_ipc_lock():
-        return None
-    return f"RLIMIT_MEMLOCK is {soft // 1024} KiB and the process lacks CAP_IPC_LOCK"
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
 
 
 def lock_all_memory() -> None:
     """Lock every page this process has and will have (``mlockall`` with
     MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); from then on no secret unlocks
-    a page.  :class:`MemoryProtectionError` if that cannot be done."""
+    a page.  :class:`MemoryProtectionError` if that cannot be done.
+
+    With ``MCL_FUTURE`` every later allocation counts against RLIMIT_MEMLOCK,
+    so a finite limit without CAP_IPC_LOCK would make some allocation fail
+    later, at any point: that is refused now too (and the lock undone)."""
     global _all_locked
-    problem = memory_lock_problem()
-    if problem is None and _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
-        problem = f"mlockall: {os.strerror(ctypes.get_errno())}"
-    if problem is not None:
-        raise MemoryProtectionError(f"cannot lock memory to keep keys out of swap ({problem}); {MEMLOCK_HINT}")
-    with _pins_lock:
-        _all_locked = True
+    limit = _memlock_limit()
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        problem = f"mlockall: {os.strerror(ctypes.get_errno())}; RLIMIT_MEMLOCK is {limit}"
+    elif limit != "unlimited" and not _has_cap_ipc_lock():
+        _libc.munlockall()
+        problem = f"RLIMIT_MEMLOCK is {limit} and the process lacks CAP_IPC_LOCK: later allocations would fail"
+    else:
+        with _pins_lock:
+            _all_locked = True
+        return
+    raise MemoryProtectionError(f"cannot lock memory to keep keys out of swap ({problem}); {MEMLOCK_HINT}")
 
 
 def all_memory_locked() -> bool:

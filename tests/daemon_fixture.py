@@ -109,7 +109,7 @@ class Daemon:
     """One `evscrypt daemon` process and the CLI that talks to it."""
 
     def __init__(self, home: Path, runtime: Path | None = None, log_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()):
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(runtime) if runtime else Path(tempfile.mkdtemp(prefix="evs-", dir="/tmp"))
@@ -117,6 +117,7 @@ class Daemon:
         self.mountpoint = self.runtime / "disks"
         self.log_dir = Path(log_dir) if log_dir else self.runtime
         self.extra_args = tuple(extra_args)
+        self.prefix = tuple(prefix)  # a command the daemon runs under (prlimit, setpriv)
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         env.update(EVSCRYPT_HOME=str(self.home), EVSCRYPT_RUNTIME_DIR=str(self.runtime))
         self.env = env
@@ -134,7 +135,7 @@ class Daemon:
         self.log_path = self.log_dir / f"daemon-{os.getpid()}-{id(self):x}-{self._starts}.log"
         log = open(self.log_path, "wb")
         try:
-            return subprocess.Popen([EVSCRYPT, "daemon", *self.extra_args], env=self.env,
+            return subprocess.Popen([*self.prefix, EVSCRYPT, "daemon", *self.extra_args], env=self.env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
@@ -276,8 +277,8 @@ class DaemonFactory:
         self.daemons: list[Daemon] = []
 
     def __call__(self, home: Path | None = None, runtime: Path | None = None, start: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> Daemon:
-        d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args)
+                 extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> Daemon:
+        d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args, prefix=prefix)
         self.daemons.append(d)
         if start:
             d.start()
