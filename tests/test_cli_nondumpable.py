@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from kms_fixtures import moto_kms  # noqa: F401  (fixture)
+
 RUN_CLI = textwrap.dedent("""
     import atexit, ctypes, sys
     from evscrypt.kms.local import LocalKMS
@@ -72,3 +74,32 @@ def test_cli_commands_holding_a_dk_are_non_dumpable(cli, tmp_path):
     src = out.split("--from-backup ")[1].split()[0]
     # another CMK: the restore re-encrypts under a new DK (the transcode path)
     assert_nondumpable_while_holding(cli("volume", "create", "r", "--from-backup", src, "--key", "other"))
+
+
+AWS_OBSERVED = textwrap.dedent("""
+    import ctypes, sys
+    from pathlib import Path
+    from evscrypt.kms import open_backend
+    from evscrypt.kms.aws import AwsKMS
+    libc = ctypes.CDLL(None)
+    seen = []
+    real = AwsKMS._call
+    def observed(self, key, op, **kw):
+        if op in ("decrypt", "generate_data_key"):
+            seen.append(f"{op}:{libc.prctl(3, 0, 0, 0, 0)}")  # before botocore holds a plaintext DK
+        return real(self, key, op, **kw)
+    AwsKMS._call = observed
+    kms = open_backend("aws", Path(sys.argv[1]))
+    ctx = {"evscrypt:volume-uuid": "u", "evscrypt:volume-name": "n"}
+    dk, wrapped, key_id = kms.generate_data_key("alias/nd", ctx)
+    dk.wipe()
+    kms.decrypt(wrapped, ctx, key_id).wipe()
+    print(*seen)
+""")
+
+
+def test_aws_kms_makes_the_process_non_dumpable_before_the_plaintext_arrives(moto_kms, tmp_path):
+    moto_kms.create_key("alias/nd")
+    p = subprocess.run([sys.executable, "-c", AWS_OBSERVED, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout.split() == ["generate_data_key:0", "decrypt:0"], p.stdout + p.stderr
