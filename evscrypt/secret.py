@@ -91,14 +91,19 @@ def _unpin(addr: int, size: int) -> None:
                 _libc.munlock(page, PAGE_SIZE)
 
 
+def _relock_pins() -> None:
+    """Lock again the page of every live secret (after something unlocked all)."""
+    for page in _pins:
+        _libc.mlock(page, PAGE_SIZE)
+
+
 def _relock_after_fork() -> None:
     """Memory locks are not inherited by a forked child: lock again the pages
     of the secrets it inherited."""
     global _pins_lock, _all_locked
     _pins_lock = threading.Lock()
     _all_locked = False
-    for page in _pins:
-        _libc.mlock(page, PAGE_SIZE)
+    _relock_pins()
 
 
 os.register_at_fork(after_in_child=_relock_after_fork)
@@ -322,7 +327,9 @@ def lock_all_memory() -> None:
     if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         problem = f"mlockall: {os.strerror(ctypes.get_errno())}; RLIMIT_MEMLOCK is {limit}"
     elif limit != "unlimited" and not _has_cap_ipc_lock():
-        _libc.munlockall()
+        with _pins_lock:
+            _libc.munlockall()
+            _relock_pins()  # the secrets made before keep their pages locked
         problem = f"RLIMIT_MEMLOCK is {limit} and the process lacks CAP_IPC_LOCK: later allocations would fail"
     else:
         with _pins_lock:

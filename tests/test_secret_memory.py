@@ -169,17 +169,19 @@ def test_lock_all_memory_failure_is_a_clear_error():
     p = run_child("""
         from evscrypt import secret
         from evscrypt.errors import MemoryProtectionError
+        from memscan import mappings
+        before = secret.Secret.random(64)
         try:
             secret.lock_all_memory()
         except MemoryProtectionError as e:
             print(e.exit_code, secret.all_memory_locked(), e.message)
         s = secret.Secret.random(64)   # still locked, page by page, within the limit
-        print(s.locked)
+        print(s.locked, all(m.locked for m in mappings("self") for k in (before, s) if m.start <= k._addr < m.end))
     """, "prlimit", "--memlock=65536:65536", "setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--")
     lines = p.stdout.splitlines()
     assert lines[0].startswith("26 False cannot lock memory to keep keys out of swap (mlockall: "), p.stdout + p.stderr
     assert "RLIMIT_MEMLOCK is 64 KiB" in lines[0] and "LimitMEMLOCK=infinity" in lines[0]
-    assert lines[1] == "True"
+    assert lines[1] == "True True"
 
 
 def test_a_forked_child_locks_the_pages_of_its_secrets_again():
