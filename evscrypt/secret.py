@@ -44,7 +44,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # <sys/mman.h>: MCL_ONFAULT (Linux 4.4) locks each page when it is first
 # touched instead of faulting in every mapping at once; without it the
 # daemon's RSS would grow by every thread's whole stack and every reserved
-# malloc arena (docs/SECURITY.md has the figures).
+# malloc arena (docs/PERFORMANCE.md, "Locked memory", has the figures).
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 CAP_IPC_LOCK = 14

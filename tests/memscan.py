@@ -28,7 +28,8 @@ class Mapping:
         return "lo" in self.flags
 
     def __str__(self) -> str:
-        return f"{self.start:x}-{self.end:x} {self.perms} {self.name or '[anon]'} VmFlags: {' '.join(sorted(self.flags))}"
+        flags = " ".join(sorted(self.flags))
+        return f"{self.start:x}-{self.end:x} {self.perms} {self.name or '[anon]'} VmFlags: {flags}"
 
 
 def mappings(pid: int | str) -> list[Mapping]:

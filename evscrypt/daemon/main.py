@@ -1,7 +1,8 @@
 """Daemon start-up and teardown.
 
 Start: make the process non-dumpable, lock all its memory (or refuse to
-run: keys must not reach swap), refuse if another daemon answers on the socket, clean up a stale FUSE mount (and loops over it) left by a crash,
+run: keys must not reach swap), refuse if another daemon answers on the
+socket, clean up a stale FUSE mount (and loops over it) left by a crash,
 mount, start the control socket, then tell systemd READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1, detach everything (flush, unmount, wipe
 keys), leave the FUSE loop and unmount.  Exit 0.
