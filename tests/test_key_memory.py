@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,10 @@ def test_allow_swappable_keys_runs_and_the_search_sees_unlocked_keys(make_daemon
     unlocked = [label for label, hs in hits.items() for h in hs if not h.mapping.locked]
     assert unlocked, "with memory unlockable, the search should find key material outside locked mappings"
     d.stop()
+
+
+def test_the_systemd_unit_lets_the_daemon_lock_its_memory():
+    unit = (Path(__file__).parent.parent / "systemd" / "evscrypt.service").read_text().splitlines()
+    assert "LimitMEMLOCK=infinity" in unit
+    caps = [line for line in unit if line.startswith("CapabilityBoundingSet=")]
+    assert caps and "CAP_IPC_LOCK" in caps[-1].split("=", 1)[1].split()

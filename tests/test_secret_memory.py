@@ -20,8 +20,7 @@ import pytest
 from evscrypt import secret
 from evscrypt.secret import Secret, b64_decode, b64_encode
 
-sys.path.insert(0, os.path.dirname(__file__))
-from memscan import mappings  # noqa: E402
+from memscan import mappings
 
 
 def page_is_locked(addr: int, pid: str = "self") -> bool:
