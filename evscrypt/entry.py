@@ -84,7 +84,7 @@ def quick(argv: list[str]) -> int | None:
 def main() -> None:
     rc = quick(sys.argv[1:])
     if rc is None:
-        from .cli import main as cli_main
+        from .cli import entry as cli_entry
 
-        rc = cli_main()
+        cli_entry()
     sys.exit(rc)

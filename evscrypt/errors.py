@@ -163,6 +163,13 @@ class EncryptionRuleError(EvscryptError):
     exit_code = 25
 
 
+class MemoryProtectionError(EvscryptError):
+    """Key memory cannot be protected: it cannot be locked against swapping,
+    or the process cannot be made non-dumpable."""
+
+    exit_code = 26
+
+
 #: Exit codes by class name, for the docs and the control protocol, which
 #: sends the class name so the client can re-raise the same class.
 def error_classes() -> dict[str, type[EvscryptError]]:

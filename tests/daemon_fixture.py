@@ -115,7 +115,8 @@ class Daemon:
     """One `evscrypt daemon` process and the CLI that talks to it."""
 
     def __init__(self, home: Path, runtime: Path | None = None, log_dir: Path | None = None,
-                 extra_args: tuple[str, ...] = (), exe: str = EVSCRYPT, data_path: str | None = None):
+                 extra_args: tuple[str, ...] = (), exe: str = EVSCRYPT, data_path: str | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.exe = exe
         self.data_path = data_path  # the data path start() requires, if given
         self.home = Path(home)
@@ -125,6 +126,7 @@ class Daemon:
         self.mountpoint = self.runtime / "disks"
         self.log_dir = Path(log_dir) if log_dir else self.runtime
         self.extra_args = tuple(extra_args)
+        self.prefix = tuple(prefix)  # a command the daemon runs under (prlimit, setpriv)
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         env.update(EVSCRYPT_HOME=str(self.home), EVSCRYPT_RUNTIME_DIR=str(self.runtime))
         self.env = env
@@ -142,7 +144,7 @@ class Daemon:
         self.log_path = self.log_dir / f"daemon-{os.getpid()}-{id(self):x}-{self._starts}.log"
         log = open(self.log_path, "wb")
         try:
-            return subprocess.Popen([self.exe, "daemon", *self.extra_args], env=self.env,
+            return subprocess.Popen([*self.prefix, self.exe, "daemon", *self.extra_args], env=self.env,
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         finally:
             log.close()
@@ -288,9 +290,9 @@ class DaemonFactory:
         self.daemons: list[Daemon] = []
 
     def __call__(self, home: Path | None = None, runtime: Path | None = None, start: bool = True,
-                 extra_args: tuple[str, ...] = ()) -> Daemon:
+                 extra_args: tuple[str, ...] = (), prefix: tuple[str, ...] = ()) -> Daemon:
         d = Daemon(home or self.home, runtime, log_dir=self.tmp_path, extra_args=extra_args, exe=self.exe,
-                   data_path=self.data_path)
+                   data_path=self.data_path, prefix=prefix)
         self.daemons.append(d)
         if start:
             d.start()

@@ -90,6 +90,19 @@ def io_counters(d, name: str) -> dict:
     raise AssertionError(f"{name} is not attached")
 
 
+def opened_by_another_process(path) -> bool:
+    """Whether a process other than this one has ``path`` open (fio's job
+    process has it open only once its set-up is done and its I/O begins)."""
+    me, target = os.getpid(), str(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == target for fd in os.listdir(f"/proc/{pid}/fd")):
+                return True
+    return False
+
+
 def fio_json(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout[p.stdout.index("{"):])
 
@@ -406,7 +419,11 @@ def test_force_detach_under_load(daemon, tmp_path):
         for t in loaders:
             t.start()
         deadline = time.monotonic() + 20
-        while min(t.ok for t in loaders) < 20 or io_counters(d, "fd")["writes"] < 200:
+        # fio must be past its set-up (which opens the file by name) before
+        # the detach, or it fails to open a file that is gone instead of
+        # meeting EIO in its I/O
+        while (min(t.ok for t in loaders) < 20 or io_counters(d, "fd")["writes"] < 200
+               or not opened_by_another_process(path)):
             assert all(t.error is None for t in loaders), [t.error for t in loaders]
             assert fio.poll() is None, fio.communicate()
             assert time.monotonic() < deadline, "the load did not get going"

@@ -156,7 +156,8 @@ def test_schedule_is_locked_key_material_and_close_wipes_it():
 
 
 def test_tweak_out_of_range_is_refused_like_the_reference():
-    x = vaes.VaesXts(Secret.random(64).view(), SECTOR_SIZE, IV_PER_SECTOR)
+    key = Secret.random(64)  # kept alive: a dropped Secret wipes itself to zeros
+    x = vaes.VaesXts(key.view(), SECTOR_SIZE, IV_PER_SECTOR)
     last = (1 << 128) // IV_PER_SECTOR - 1  # the last sector whose tweak fits
     tweak(last)
     x.crypt_into(last - 1, bytes(SECTOR_SIZE), bytearray(SECTOR_SIZE), True)

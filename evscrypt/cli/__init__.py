@@ -122,4 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The CLI as a process of its own.  Its memory is locked first where
+    the process may lock without limit (root, or RLIMIT_MEMLOCK unlimited),
+    so the keys a command holds (and OpenSSL's key schedules) never reach
+    swap; elsewhere each key's pages are locked (evscrypt.secret)."""
+    from ..errors import MemoryProtectionError
+    from ..secret import lock_all_memory
+
+    try:
+        lock_all_memory()
+    except MemoryProtectionError:
+        pass
     sys.exit(main())

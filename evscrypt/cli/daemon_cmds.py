@@ -16,12 +16,14 @@ from .common import Env, emit_json, human_size, pass_env, table
 @click.option("--mountpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to mount the disks directory (default: RUNTIME_DIR/disks).")
 @click.option("--socket-group", default=None, help="Let this group use the control socket (mode 0660).")
+@click.option("--allow-swappable-keys", is_flag=True,
+              help="Run even if memory cannot be locked (RLIMIT_MEMLOCK): keys may then reach swap.")
 @pass_env
-def daemon(env: Env, mountpoint, socket_group):
+def daemon(env: Env, mountpoint, socket_group, allow_swappable_keys):
     """Run the daemon in the foreground (systemd Type=notify)."""
     from ..daemon.main import run
 
-    raise SystemExit(run(env.home, env.runtime, mountpoint, socket_group, env.debug))
+    raise SystemExit(run(env.home, env.runtime, mountpoint, socket_group, env.debug, allow_swappable_keys))
 
 
 @click.command()

@@ -18,7 +18,8 @@
  *
  * The expanded keys live in a buffer the caller owns (xts.py keeps it in a
  * locked, wiped Secret); this module keeps no key material of its own and
- * clears the vector registers before it returns.  Every path is tested
+ * clears all 32 vector registers before it returns (clear_vectors).  It
+ * refuses a key whose two halves are equal.  Every path is tested
  * against the NIST and IEEE vectors and the per-sector reference.
  */
 #define PY_SSIZE_T_CLEAN
@@ -57,11 +58,35 @@ cpu_supported(void)
            __builtin_cpu_supports("vaes") && __builtin_cpu_supports("vpclmulqdq");
 }
 
-/* Registers may still hold tweaks and round keys: clear them. */
+/* Registers may still hold tweaks and round keys: clear them, all 32.
+ * VZEROALL clears only zmm0-15; the compiler keeps round keys in zmm16-31
+ * as well (AVX-512 has 32 vector registers), so those are zeroed one by one
+ * (an EVEX write to xmmN zeroes the whole zmmN).  The test suite reads the
+ * registers right after a call (registers_after_crypt below). */
 TARGET static void
 clear_vectors(void)
 {
-    _mm256_zeroall();
+    __asm__ volatile("vpxord %%xmm16, %%xmm16, %%xmm16\n\t"
+                     "vpxord %%xmm17, %%xmm17, %%xmm17\n\t"
+                     "vpxord %%xmm18, %%xmm18, %%xmm18\n\t"
+                     "vpxord %%xmm19, %%xmm19, %%xmm19\n\t"
+                     "vpxord %%xmm20, %%xmm20, %%xmm20\n\t"
+                     "vpxord %%xmm21, %%xmm21, %%xmm21\n\t"
+                     "vpxord %%xmm22, %%xmm22, %%xmm22\n\t"
+                     "vpxord %%xmm23, %%xmm23, %%xmm23\n\t"
+                     "vpxord %%xmm24, %%xmm24, %%xmm24\n\t"
+                     "vpxord %%xmm25, %%xmm25, %%xmm25\n\t"
+                     "vpxord %%xmm26, %%xmm26, %%xmm26\n\t"
+                     "vpxord %%xmm27, %%xmm27, %%xmm27\n\t"
+                     "vpxord %%xmm28, %%xmm28, %%xmm28\n\t"
+                     "vpxord %%xmm29, %%xmm29, %%xmm29\n\t"
+                     "vpxord %%xmm30, %%xmm30, %%xmm30\n\t"
+                     "vpxord %%xmm31, %%xmm31, %%xmm31\n\t"
+                     "vzeroall"
+                     ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+                         "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
+                         "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27",
+                         "xmm28", "xmm29", "xmm30", "xmm31");
 }
 
 /* ---- key expansion (Intel's AES-NI white paper, AES-256) ---- */
@@ -118,8 +143,9 @@ expand256(const unsigned char *key, __m128i *rk)
     EXPAND_STEP(14, 0x40);
 }
 
+/* `clear` is 0 only in the register test's control run (registers_after_expand). */
 TARGET static void
-expand_all(const unsigned char *key64, unsigned char *sched)
+expand_all(const unsigned char *key64, unsigned char *sched, int clear)
 {
     __m128i ek[ROUNDS + 1], dk[ROUNDS + 1], tk[ROUNDS + 1];
     expand256(key64, ek);
@@ -138,7 +164,8 @@ expand_all(const unsigned char *key64, unsigned char *sched)
         ((volatile __m128i *)dk)[r] = z;
         ((volatile __m128i *)tk)[r] = z;
     }
-    clear_vectors();
+    if (clear)
+        clear_vectors();
 }
 
 /* ---- tweaks ---- */
@@ -275,10 +302,11 @@ all_zero(const unsigned char *p, Py_ssize_t sector)
     return 1;
 }
 
+/* `clear` is 0 only in the register test's control run (registers_after_crypt). */
 TARGET static void
 crypt_run(const unsigned char *sched, unsigned __int128 first, unsigned long long iv_mul,
           const unsigned char *in, unsigned char *out, Py_ssize_t n, Py_ssize_t sector, int enc,
-          int skip_zero)
+          int skip_zero, int clear)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
         if (skip_zero && all_zero(in + i * sector, sector)) {
@@ -294,7 +322,8 @@ crypt_run(const unsigned char *sched, unsigned __int128 first, unsigned long lon
         }
         crypt_unit(sched, tw, in + i * sector, out + i * sector, (size_t)sector, enc);
     }
-    clear_vectors();
+    if (clear)
+        clear_vectors();
 }
 
 static int supported = -1;
@@ -313,6 +342,17 @@ check_sched(Py_buffer *sched)
     return 1;
 }
 
+/* IEEE 1619 / FIPS: with equal halves XTS degenerates.  SectorCipher refuses
+ * such a key; so does this, the lowest layer, for any other caller. */
+static int
+halves_equal(const unsigned char *key64)
+{
+    unsigned char diff = 0;
+    for (int b = 0; b < 32; b++)
+        diff |= key64[b] ^ key64[32 + b];
+    return diff == 0;
+}
+
 static PyObject *
 py_expand(PyObject *self, PyObject *args)
 {
@@ -326,7 +366,11 @@ py_expand(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
         goto done;
     }
-    expand_all(key.buf, sched.buf);
+    if (halves_equal(key.buf)) {
+        PyErr_SetString(PyExc_ValueError, "XTS key halves must differ");
+        goto done;
+    }
+    expand_all(key.buf, sched.buf, 1);
     ret = Py_None;
     Py_INCREF(ret);
 done:
@@ -356,10 +400,10 @@ py_crypt_sectors(PyObject *self, PyObject *args)
     unsigned __int128 first = ((unsigned __int128)first_hi << 64) | first_lo;
     if (n > GIL_KEEP_SECTORS) {
         Py_BEGIN_ALLOW_THREADS
-        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero);
+        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero, 1);
         Py_END_ALLOW_THREADS
     } else {
-        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero);
+        crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero, 1);
     }
     ret = Py_None;
     Py_INCREF(ret);
@@ -396,6 +440,118 @@ done:
     return ret;
 }
 
+/* ---- for the test suite: the vector registers right after a call ---- */
+
+/* zmm0-31 into out (32 * 64 bytes), stored by the same asm statement so that
+ * no other code runs between the call and the reading. */
+#define DUMP_ZMM(out)                                                         \
+    __asm__ volatile("vmovdqu64 %%zmm0, 0(%0)\n\t"                           \
+                     "vmovdqu64 %%zmm1, 64(%0)\n\t"                          \
+                     "vmovdqu64 %%zmm2, 128(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm3, 192(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm4, 256(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm5, 320(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm6, 384(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm7, 448(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm8, 512(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm9, 576(%0)\n\t"                         \
+                     "vmovdqu64 %%zmm10, 640(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm11, 704(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm12, 768(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm13, 832(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm14, 896(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm15, 960(%0)\n\t"                        \
+                     "vmovdqu64 %%zmm16, 1024(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm17, 1088(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm18, 1152(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm19, 1216(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm20, 1280(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm21, 1344(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm22, 1408(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm23, 1472(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm24, 1536(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm25, 1600(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm26, 1664(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm27, 1728(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm28, 1792(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm29, 1856(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm30, 1920(%0)\n\t"                       \
+                     "vmovdqu64 %%zmm31, 1984(%0)"                             \
+                     ::"r"(out) : "memory")
+#define DUMP_SIZE (32 * 64)
+
+/* How the control runs differ from the real path: CLEAR_NONE skips the
+ * clearing, CLEAR_ZEROALL does only what this code did before (VZEROALL),
+ * CLEAR_FULL is the path every real call takes. */
+enum { CLEAR_NONE = 0, CLEAR_ZEROALL = 1, CLEAR_FULL = 2 };
+
+TARGET __attribute__((noinline)) static void
+crypt_then_dump(const unsigned char *sched, const unsigned char *in, unsigned char *out, Py_ssize_t n,
+                Py_ssize_t sector, int enc, int how, unsigned char *regs)
+{
+    crypt_run(sched, 0, 1, in, out, n, sector, enc, 0, how == CLEAR_FULL);
+    if (how == CLEAR_ZEROALL)
+        _mm256_zeroall();
+    DUMP_ZMM(regs);
+}
+
+TARGET __attribute__((noinline)) static void
+expand_then_dump(const unsigned char *key64, unsigned char *sched, int how, unsigned char *regs)
+{
+    expand_all(key64, sched, how == CLEAR_FULL);
+    if (how == CLEAR_ZEROALL)
+        _mm256_zeroall();
+    DUMP_ZMM(regs);
+}
+
+static PyObject *
+py_registers_after_crypt(PyObject *self, PyObject *args)
+{
+    Py_buffer sched, src, dst;
+    Py_ssize_t sector;
+    int enc, how;
+    if (!PyArg_ParseTuple(args, "y*y*w*nii", &sched, &src, &dst, &sector, &enc, &how))
+        return NULL;
+    PyObject *ret = NULL;
+    unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
+    if (!check_sched(&sched))
+        goto done;
+    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
+        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
+        goto done;
+    }
+    crypt_then_dump(sched.buf, src.buf, dst.buf, src.len / sector, sector, enc, how, regs);
+    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
+done:
+    PyBuffer_Release(&sched);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *
+py_registers_after_expand(PyObject *self, PyObject *args)
+{
+    Py_buffer key, sched;
+    int how;
+    if (!PyArg_ParseTuple(args, "y*w*i", &key, &sched, &how))
+        return NULL;
+    PyObject *ret = NULL;
+    unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
+    if (!check_sched(&sched))
+        goto done;
+    if (key.len != 64) {
+        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
+        goto done;
+    }
+    expand_then_dump(key.buf, sched.buf, how, regs);
+    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
+done:
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&sched);
+    return ret;
+}
+
 #else /* !HAVE_VAES: the stub */
 
 static int supported = 0;
@@ -409,6 +565,8 @@ not_built(PyObject *self, PyObject *args)
 #define py_expand not_built
 #define py_crypt_sectors not_built
 #define py_crypt_unit not_built
+#define py_registers_after_crypt not_built
+#define py_registers_after_expand not_built
 #endif /* HAVE_VAES */
 
 static PyMethodDef methods[] = {
@@ -420,6 +578,12 @@ static PyMethodDef methods[] = {
      "With skip_zero, all-zero sectors of src are not run through the cipher: they come out as zeros."},
     {"crypt_unit", py_crypt_unit, METH_VARARGS,
      "crypt_unit(sched, tweak16, src, dst, enc)\n\nOne XTS data unit (whole blocks) with an explicit tweak."},
+    {"_registers_after_crypt", py_registers_after_crypt, METH_VARARGS,
+     "_registers_after_crypt(sched, src, dst, sector_size, enc, how) -> bytes\n\n"
+     "For the tests: crypt_sectors from sector 0 (iv_per_sector 1), then zmm0-31 as read\n"
+     "right after it (32 * 64 bytes).  how: 2 = the real path, 1 = VZEROALL only, 0 = no clearing."},
+    {"_registers_after_expand", py_registers_after_expand, METH_VARARGS,
+     "_registers_after_expand(key64, sched, how) -> bytes\n\nFor the tests: expand, then zmm0-31 (how as above)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -436,6 +600,7 @@ PyInit__xtsvaes(void)
 #endif
     if (PyModule_AddIntConstant(m, "SCHED_SIZE", SCHED_SIZE) < 0 ||
         PyModule_AddObject(m, "BUILT", PyBool_FromLong(HAVE_VAES)) < 0 ||
+        PyModule_AddIntConstant(m, "DUMP_SIZE", DUMP_SIZE) < 0 ||
         PyModule_AddObject(m, "SUPPORTED", PyBool_FromLong(supported)) < 0) {
         Py_DECREF(m);
         return NULL;

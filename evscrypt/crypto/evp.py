@@ -7,7 +7,9 @@ runs one EVP_CipherUpdate.  ctypes releases the GIL during each call, so
 worker threads encrypt in parallel.
 
 The key is passed by pointer from the locked Secret buffer; OpenSSL copies
-it into its key schedule, which EVP_CIPHER_CTX_free cleanses.  If libcrypto
+it into its key schedule, which EVP_CIPHER_CTX_free cleanses.  That schedule
+lives in memory OpenSSL allocates: it is locked only where the whole process
+is (the daemon's mlockall; see evscrypt.secret).  If libcrypto
 cannot be loaded, ``available()`` is False and the reference path is used.
 The tests prove this path identical to the per-sector reference.
 """
@@ -112,6 +114,12 @@ class EvpXts:
         self._lib = _load()
         if self._lib is None:
             raise OSError("libcrypto is not available")
+        if len(key_view) != 64:
+            raise ValueError("XTS-AES-256 needs a 64-byte key")
+        if key_view[:32] == key_view[32:]:
+            # OpenSSL 3.0 refuses equal halves when encrypting but not when
+            # decrypting; refuse both here, as SectorCipher does
+            raise ValueError("XTS key halves must differ")
         self._key = key_view
         self._sector = sector_size
         self._ivmul = iv_per_sector

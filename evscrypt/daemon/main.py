@@ -1,7 +1,8 @@
 """Daemon start-up and teardown.
 
-Start: make the process non-dumpable, refuse if another daemon answers on
-the socket, clean up a stale FUSE mount (and loops over it) left by a crash,
+Start: make the process non-dumpable, lock all its memory (or refuse to
+run: keys must not reach swap), refuse if another daemon answers on the
+socket, clean up a stale FUSE mount (and loops over it) left by a crash,
 mount, start the control socket, then tell systemd READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1, detach everything (flush, unmount, wipe
 keys), leave the FUSE loop and unmount.  Exit 0.
@@ -21,9 +22,9 @@ import trio
 
 from .. import client
 from ..crypto import backend
-from ..errors import Busy, DaemonUnavailable, EvscryptError
+from ..errors import Busy, DaemonUnavailable, EvscryptError, MemoryProtectionError
 from ..paths import socket_path
-from ..secret import set_nondumpable
+from ..secret import lock_all_memory, set_nondumpable
 from ..volumes import VolumeStore
 from . import datapath, loopmount
 from .control import ControlServer
@@ -84,10 +85,31 @@ async def _serve(manager: VolumeManager, control: ControlServer, fuse_main) -> N
         nursery.cancel_scope.cancel()
 
 
+#: The daemon option that runs it anyway when its memory cannot be locked.
+ALLOW_SWAPPABLE_FLAG = "--allow-swappable-keys"
+
+
+def lock_memory(allow_swappable_keys: bool) -> None:
+    """Lock all the daemon's memory before any key or thread exists, so that
+    DKs, MAC keys, round keys (ours and OpenSSL's), CMKs and the root key
+    never reach swap, and wiping one key never unlocks another
+    (docs/SECURITY.md, "Keys in memory").  Refuse to start if that fails,
+    unless told to run with swappable keys."""
+    try:
+        lock_all_memory()
+    except MemoryProtectionError as e:
+        if not allow_swappable_keys:
+            raise MemoryProtectionError(f"{e.message}; or start the daemon with {ALLOW_SWAPPABLE_FLAG} "
+                                        "to run with keys that may be swapped out")
+        log.warning("%s; running anyway (%s): keys are locked page by page where the limit allows, "
+                    "OpenSSL's key schedules not at all, and may be swapped out", e.message, ALLOW_SWAPPABLE_FLAG)
+
+
 def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
-        debug: bool = False) -> int:
+        debug: bool = False, allow_swappable_keys: bool = False) -> int:
     setup_logging(debug)
     set_nondumpable()
+    lock_memory(allow_swappable_keys)
     dp, xts = datapath.probe(), backend.describe(backend.choose())
     log.info("data path: %s; XTS: %s", dp.describe(), xts)
     runtime.mkdir(mode=0o755, parents=True, exist_ok=True)

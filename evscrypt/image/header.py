@@ -176,9 +176,16 @@ class Header:
     @staticmethod
     def mac_key(dk: Secret) -> Secret:
         """The header-MAC key, derived from the DK.  An attached volume keeps
-        it so the daemon can reseal a changed header (resize) without the KMS."""
-        raw = bytearray(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(dk.view()))
-        return Secret.from_buffer(raw, wipe_source=True)
+        it so the daemon can reseal a changed header (resize) without the KMS.
+        HKDF-SHA256 writes straight into the locked buffer (``derive_into``):
+        no ``bytes`` copy of the key."""
+        key = Secret(32)
+        try:
+            HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive_into(dk.view(), key.buffer)
+        except BaseException:
+            key.wipe()
+            raise
+        return key
 
     def mac_with(self, mac_key: Secret) -> str:
         return hmac.new(mac_key.buffer, self.mac_input(), hashlib.sha256).hexdigest()

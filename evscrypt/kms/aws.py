@@ -20,7 +20,7 @@ from .. import awsdeps
 from ..errors import (
     InvalidArgument, InvalidCiphertext, KeyNotFound, KeyStateError, KMSAccessDenied, KMSError, KMSUnavailable,
 )
-from ..secret import Secret, wipe_bytes
+from ..secret import Secret, set_nondumpable, wipe_bytes
 from .base import KeyInfo, KeyState, KMSBackend
 
 CONNECT_TIMEOUT = float(os.environ.get("EVSCRYPT_AWS_CONNECT_TIMEOUT", "3"))
@@ -162,6 +162,7 @@ class AwsKMS(KMSBackend):
     # -- data keys ---------------------------------------------------------------
     def generate_data_key(self, key, context, nbytes=64):
         self._require_enabled(key)
+        set_nondumpable()  # before botocore holds the plaintext (a Secret would do it only after)
         r = self._call(key, "generate_data_key", KeyId=key, NumberOfBytes=nbytes, EncryptionContext=context)
         plain = r.pop("Plaintext")
         try:
@@ -183,6 +184,7 @@ class AwsKMS(KMSBackend):
         if key is None:
             raise InvalidArgument("the aws backend needs the key id to decrypt")
         self._require_enabled(key)
+        set_nondumpable()  # before botocore holds the plaintext (a Secret would do it only after)
         r = self._call(key, "decrypt", CiphertextBlob=bytes(wrapped), EncryptionContext=context, KeyId=key)
         plain = r.pop("Plaintext")
         try:

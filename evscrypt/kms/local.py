@@ -18,6 +18,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import stat
 import struct
 import uuid as uuidlib
 from datetime import datetime, timedelta, timezone
@@ -34,7 +36,7 @@ from ..errors import (
 )
 from ..fsutil import write_atomic
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
-from ..secret import Secret
+from ..secret import Secret, b64_decode, b64_encode
 from .base import KeyInfo, KeyState, KMSBackend
 
 # Wrapped-DK blob: magic, format version, CMK id (16 bytes), GCM nonce, then
@@ -44,8 +46,18 @@ WRAP_VERSION = 1
 _WRAP_HEAD = struct.Struct(">4sB16s12s")
 
 MIN_DELETION_DAYS, MAX_DELETION_DAYS, DEFAULT_DELETION_DAYS = 7, 1096, 30
-# scrypt cost: ~100 ms and 32 MiB here; only run when the root key is loaded.
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+# scrypt cost of new seals: N=2^17, r=8 (128 MiB), as OWASP and cryptsetup's
+# defaults suggest for an interactive-scale KDF; see docs/SECURITY.md for
+# the unseal time.  It runs whenever the root key is loaded.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+# What seals that do not record their parameters were made with.
+LEGACY_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
+# A root.key may ask for at most this much scrypt memory (128 * n * r * p).
+SCRYPT_MAX_MEMORY = 1 << 30
+PASSPHRASE_MAX = 64 << 10
+_ROOT_NONE_HEAD = b'{"version": 1, "kdf": "none", "key": "'
+_ROOT_NONE_TAIL = b'"}'
+_ROOT_KEY_FIELD = re.compile(rb'"key"\s*:\s*"([^"]*)"')
 PASSPHRASE_CREDENTIAL = "evscrypt-passphrase"
 ARN_PREFIX = "arn:evscrypt:kms:local:key/"
 
@@ -82,17 +94,38 @@ def passphrase_source() -> Path | None:
     return None
 
 
-def _read_passphrase(path: Path) -> bytearray:
+def _read_secret_file(path: Path, limit: int) -> Secret:
+    """A whole small file read straight into a locked buffer (``readinto``):
+    no ``bytes`` or ``str`` copy.  At most ``limit`` bytes; a pipe or a
+    character device is read up to the limit."""
+    with open(path, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())
+        size = st.st_size if stat.S_ISREG(st.st_mode) else limit
+        if size > limit:
+            raise InvalidArgument(f"{path} is larger than {limit} bytes")
+        with Secret(size) as buf:
+            got = 0
+            while got < size:
+                n = f.readinto(buf.view(got))
+                if not n:
+                    break
+                got += n
+            return Secret.from_buffer(buf.view(0, got))
+
+
+def _read_passphrase(path: Path) -> Secret:
     try:
-        data = bytearray(path.read_bytes())
+        data = _read_secret_file(path, PASSPHRASE_MAX)
     except OSError as e:
         raise KMSUnavailable(f"the local keystore is sealed and its passphrase file {path} "
                              f"cannot be read: {e.strerror}")
-    while data and data[-1:] in (b"\n", b"\r"):
-        data.pop()
-    if not data:
-        raise InvalidArgument(f"passphrase file {path} is empty")
-    return data
+    with data:
+        end = len(data)
+        while end and data.buffer[end - 1] in (10, 13):  # trailing newlines are not part of it
+            end -= 1
+        if not end:
+            raise InvalidArgument(f"passphrase file {path} is empty")
+        return Secret.from_buffer(data.view(0, end))
 
 
 def _open_sealed(key: Secret, nonce: bytes, ct: bytes, aad: bytes) -> Secret:
@@ -107,10 +140,55 @@ def _open_sealed(key: Secret, nonce: bytes, ct: bytes, aad: bytes) -> Secret:
     return out
 
 
-def _scrypt(passphrase: bytearray, salt: bytes) -> Secret:
-    kdf = Scrypt(salt=salt, length=32, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
-    out = bytearray(kdf.derive(passphrase))
-    return Secret.from_buffer(out, wipe_source=True)
+def _scrypt_params(doc: dict) -> tuple[int, int, int]:
+    """The scrypt parameters a sealed root.key records (older seals record
+    none: LEGACY_SCRYPT), checked so a damaged file cannot ask for absurd
+    work or memory."""
+    try:
+        n, r, p = (doc.get(k, LEGACY_SCRYPT[k]) for k in ("n", "r", "p"))
+        ok = all(type(v) is int and v > 0 for v in (n, r, p)) and n > 1 and n & (n - 1) == 0
+    except AttributeError:
+        ok = False
+    if not ok or 128 * n * r * p > SCRYPT_MAX_MEMORY:
+        raise KMSError("the sealed root key file has invalid scrypt parameters")
+    return n, r, p
+
+
+def _scrypt(passphrase: Secret, salt: bytes, n: int, r: int, p: int) -> Secret:
+    """The key-encryption key, derived straight into a locked buffer."""
+    kek = Secret(32)
+    try:
+        Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive_into(passphrase.view(), kek.buffer)
+    except BaseException:
+        kek.wipe()
+        raise
+    return kek
+
+
+def _root_doc_none(root: Secret) -> Secret:
+    """The unsealed root.key file, built in a locked buffer: the base64 of the
+    key never exists as an immutable ``bytes`` or ``str``."""
+    with b64_encode(root) as text:
+        head, tail = len(_ROOT_NONE_HEAD), len(_ROOT_NONE_TAIL)
+        doc = Secret(head + len(text) + tail)
+        doc.buffer[:head] = _ROOT_NONE_HEAD
+        doc.buffer[head:head + len(text)] = text.buffer
+        doc.buffer[head + len(text):] = _ROOT_NONE_TAIL
+        return doc
+
+
+def _take_root_key(raw: Secret) -> Secret | None:
+    """Decode the unsealed root key from the root.key text in ``raw``, and
+    blank its base64 in ``raw`` so that the text can go to the JSON parser
+    (which makes ``str`` copies) without it.  None if there is no key field."""
+    m = _ROOT_KEY_FIELD.search(raw.buffer)
+    if m is None:
+        return None
+    start, end = m.span(1)
+    try:
+        return b64_decode(raw.view(start, end))
+    finally:
+        raw.buffer[start:end] = b"-" * (end - start)
 
 
 class LocalKMS(KMSBackend):
@@ -154,34 +232,49 @@ class LocalKMS(KMSBackend):
                 # never mint a new root key under existing CMKs: they would be lost
                 raise KMSError(f"root key {self.root_path} is missing; restore it from backup")
             root = Secret.random(32)
-            write_atomic(self.root_path, json.dumps(
-                {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}).encode())
+            with _root_doc_none(root) as doc:
+                write_atomic(self.root_path, doc.view())
             return root
+        key = None
         try:
-            doc = json.loads(self.root_path.read_text())
+            with _read_secret_file(self.root_path, PASSPHRASE_MAX) as raw:
+                key = _take_root_key(raw)
+                doc = json.loads(raw.buffer)
             kdf = doc["kdf"]
         except (OSError, ValueError, KeyError, TypeError):
+            if key is not None:
+                key.wipe()
             raise KMSError(f"root key file {self.root_path} is unreadable or damaged")
         if kdf == "none":
-            raw = bytearray(_unb64(doc["key"]))
-            return Secret.from_buffer(raw, wipe_source=True)
+            if key is None or len(key) != 32:
+                if key is not None:
+                    key.wipe()
+                raise KMSError(f"root key file {self.root_path} is unreadable or damaged")
+            return key
+        if key is not None:
+            key.wipe()
         if kdf == "scrypt":
-            src = passphrase_source()
-            if src is None:
-                raise KMSUnavailable("the local keystore is sealed: set EVSCRYPT_PASSPHRASE_FILE or the "
-                                     f"systemd credential {PASSPHRASE_CREDENTIAL}")
-            pw = _read_passphrase(src)
+            return self._unseal(doc)
+        raise KMSError(f"root key file uses unknown kdf {kdf!r}")
+
+    def _unseal(self, doc: dict) -> Secret:
+        """The root key of a sealed root.key, with the scrypt parameters it records."""
+        n, r, p = _scrypt_params(doc)
+        src = passphrase_source()
+        if src is None:
+            raise KMSUnavailable("the local keystore is sealed: set EVSCRYPT_PASSPHRASE_FILE or the "
+                                 f"systemd credential {PASSPHRASE_CREDENTIAL}")
+        try:
+            salt, nonce, ct = _unb64(doc["salt"]), _unb64(doc["nonce"]), _unb64(doc["ct"])
+        except (KeyError, TypeError, ValueError):
+            raise KMSError(f"root key file {self.root_path} is unreadable or damaged")
+        with _read_passphrase(src) as pw:
+            kek = _scrypt(pw, salt, n, r, p)
+        with kek:
             try:
-                kek = _scrypt(pw, _unb64(doc["salt"]))
-            finally:
-                pw[:] = bytes(len(pw))
-            try:
-                return _open_sealed(kek, _unb64(doc["nonce"]), _unb64(doc["ct"]), b"evscrypt/v1 root")
+                return _open_sealed(kek, nonce, ct, b"evscrypt/v1 root")
             except InvalidTag:
                 raise KMSError("wrong passphrase for the sealed root key")
-            finally:
-                kek.wipe()
-        raise KMSError(f"root key file uses unknown kdf {kdf!r}")
 
     def seal_root(self, passphrase_file: Path | None) -> None:
         """Re-store the root key sealed with a passphrase (or unsealed if None)."""
@@ -189,18 +282,16 @@ class LocalKMS(KMSBackend):
             self._load()  # creates the keystore and default key if needed
             with self._root_key() as root:
                 if passphrase_file is None:
-                    doc = {"version": 1, "kdf": "none", "key": _b64(bytes(root.buffer))}
-                else:
-                    pw = _read_passphrase(Path(passphrase_file))
-                    salt, nonce = os.urandom(16), os.urandom(12)
-                    try:
-                        kek = _scrypt(pw, salt)
-                    finally:
-                        pw[:] = bytes(len(pw))
-                    with kek:
-                        ct = AESGCM(kek.view()).encrypt(nonce, root.view(), b"evscrypt/v1 root")
-                    doc = {"version": 1, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
-                           "salt": _b64(salt), "nonce": _b64(nonce), "ct": _b64(ct)}
+                    with _root_doc_none(root) as doc:
+                        write_atomic(self.root_path, doc.view())
+                    return
+                salt, nonce = os.urandom(16), os.urandom(12)
+                with _read_passphrase(Path(passphrase_file)) as pw:
+                    kek = _scrypt(pw, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+                with kek:
+                    ct = AESGCM(kek.view()).encrypt(nonce, root.view(), b"evscrypt/v1 root")
+                doc = {"version": 1, "kdf": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P,
+                       "salt": _b64(salt), "nonce": _b64(nonce), "ct": _b64(ct)}
                 write_atomic(self.root_path, json.dumps(doc).encode())
 
     def _read(self) -> dict:
