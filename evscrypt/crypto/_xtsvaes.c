@@ -44,6 +44,8 @@
 #define ROUNDS 14
 #define SCHED_SIZE (3 * (ROUNDS + 1) * 16)
 #define GIL_KEEP_SECTORS 4
+/* zmm0-31, as the register test reads them (registers_after_crypt) */
+#define DUMP_SIZE (32 * 64)
 
 #if HAVE_VAES
 #define TARGET __attribute__((target("aes,sse4.1,avx2,avx512f,avx512bw,avx512vl,vaes,vpclmulqdq")))
@@ -478,7 +480,6 @@ done:
                      "vmovdqu64 %%zmm30, 1920(%0)\n\t"                       \
                      "vmovdqu64 %%zmm31, 1984(%0)"                             \
                      ::"r"(out) : "memory")
-#define DUMP_SIZE (32 * 64)
 
 /* How the control runs differ from the real path: CLEAR_NONE skips the
  * clearing, CLEAR_ZEROALL does only what this code did before (VZEROALL),
