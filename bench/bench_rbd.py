@@ -216,9 +216,25 @@ class Bench:
         return {"iops": round(sum(counts) / dt)}
 
 
+#: What each system needs beyond the cluster, and the package that brings it.
+NEEDS = {"fio-rbd": [("fio", "fio")],
+         "qsd-rbd": [("qemu-storage-daemon", "qemu-system-common"), ("qemu-img", "qemu-utils"),
+                     ("/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so", "qemu-block-extra")]}
+NEEDS["qsd-rbd-luks"] = NEEDS["qsd-rbd"]
+
+
+def missing(system: str) -> list[str]:
+    return [pkg for tool, pkg in NEEDS.get(system, [])
+            if not (os.path.exists(tool) if tool.startswith("/") else shutil.which(tool))]
+
+
 def main() -> None:
     base = Path(os.environ.get("BENCH_DIR", "/var/tmp"))
     wanted = os.environ.get("BENCH_SYSTEMS", ",".join(SYSTEMS)).split(",")
+    for system in list(wanted):
+        if missing(system):
+            log(f"{system}: skipped, missing apt packages: {' '.join(missing(system))}")
+            wanted.remove(system)
     scratch = Path(tempfile.mkdtemp(prefix="evscrypt-bench-rbd.", dir=base))
     b = Bench(scratch)
     results: dict[str, dict] = {}

@@ -3,11 +3,12 @@
 # FUSE exports (raw and LUKS), gocryptfs, and evscrypt (encrypted and --no-encrypt).
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
-# see bench/bench_fio.py for the other BENCH_* variables.
+# see bench/bench_fio.py for the other BENCH_* variables.  `make bench-rbd` runs only
+# the install steps (BENCH_ONLY_INSTALL=1): qemu-block-extra is qemu's rbd driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common gocryptfs)
+APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common qemu-block-extra gocryptfs)
 VENV=.venv
 
 missing=()
@@ -31,4 +32,6 @@ if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
         || echo "bench: could not install matplotlib; the PNG will be skipped" >&2
 fi
 
+# make bench-rbd uses the install steps above only
+[[ ${BENCH_ONLY_INSTALL:-} == 1 ]] && exit 0
 exec "$VENV/bin/python" bench/bench_fio.py "$@"
