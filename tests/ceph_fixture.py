@@ -11,8 +11,8 @@ killed client's watch blocks removal for ~30 s).
 Where ceph is not installed the tests skip, except on CI (CI set), where a
 missing cluster is a failure: `make install` installs it there.
 
-Import the fixtures into a test module:
-``from ceph_fixture import ceph_cluster, rbd_namespace``.
+tests/conftest.py imports the fixtures, so every module shares the one
+cluster (a module that imported them itself would start a second one).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh state directory, a volume store on it, a local
-KMS with an injectable clock.  Everything lives under pytest's tmp_path."""
+KMS with an injectable clock.  Everything lives under pytest's tmp_path.
+The Ceph test cluster (ceph_fixture.py) starts only for the tests that use it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from ceph_fixture import ceph_cluster, rbd_namespace  # noqa: F401  (one cluster per session, for every module)
 from evscrypt.kms.local import LocalKMS
 from evscrypt.volumes import VolumeStore
 

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ceph_fixture import ceph_cluster, rbd_namespace  # noqa: F401  (fixtures)
 from evscrypt.errors import AlreadyExists, Busy, NotFound
-from evscrypt.store.base import CatalogConflict, HolderAlive, LockHeld
 from evscrypt.store.local import LocalStore
 
 PEER = Path(__file__).resolve().parent / "store_peer.py"
@@ -193,7 +191,7 @@ def test_lock_conflicts_and_names_the_holder(bstore):
     b = bstore.open("v1", write=True)
     try:
         a.lock("host A pid 1")
-        with pytest.raises(LockHeld) as e:
+        with pytest.raises(Busy, match="locked by") as e:
             b.lock("host B")
         holder = bstore.holder("v1")
         assert holder is not None and holder.owner in e.value.message
@@ -268,11 +266,9 @@ def test_catalog_compare_and_swap(bstore):
     cat = bstore.catalog()
     assert cat.read() == ({}, 0)
     v1 = cat.commit(0, {"vol/a": b"1"})
-    with pytest.raises(CatalogConflict):
-        cat.commit(0, {"vol/b": b"2"})  # created meanwhile
+    assert cat.commit(0, {"vol/b": b"2"}) is None  # created meanwhile
     v2 = cat.commit(v1, {"vol/b": b"2"}, delete=["vol/a"])
-    with pytest.raises(CatalogConflict):
-        cat.commit(v1, {"vol/c": b"3"})  # a stale version
+    assert cat.commit(v1, {"vol/c": b"3"}) is None  # a stale version
     assert v2 > v1
     assert cat.read() == ({"vol/b": b"2"}, v2)
 
@@ -296,10 +292,10 @@ def test_lock_between_two_hosts(stores, peers):
     peer = peers(argv("hostb"))
     assert peer.do("lock v1") == "locked"
     with s.open("v1", write=True) as img:
-        with pytest.raises(LockHeld) as e:
+        with pytest.raises(Busy, match="locked by") as e:
             img.lock("host A")
     assert "store_peer" in e.value.message, "the message names the holder"
-    with pytest.raises(HolderAlive):
+    with pytest.raises(Busy, match="alive"):
         s.break_lock("v1", s.holder("v1"))
     assert peer.do("write v1 0 7") == "written", "a refused break leaves the holder working"
     assert peer.do("unlock v1") == "unlocked"
@@ -323,7 +319,7 @@ def test_break_lock_of_a_killed_holder(kind, stores, peers, ceph_cluster):
     holder = s.holder("v1")
     peer.kill(signal.SIGKILL)
     with s.open("v1", write=True) as img:
-        with pytest.raises(LockHeld):
+        with pytest.raises(Busy, match="locked by"):
             img.lock("host A")  # the lock outlives its holder
     s.break_lock("v1", holder)
     assert holder.owner in ceph_cluster.blocklist(), "the dead holder is fenced"
@@ -374,7 +370,7 @@ def test_a_dead_bystander_does_not_make_the_holder_look_dead(kind, stores, peers
     bystander.kill(signal.SIGKILL)
     holder_peer = peers(argv("hostb"))
     assert holder_peer.do("lock v1") == "locked"
-    with pytest.raises(HolderAlive):
+    with pytest.raises(Busy, match="alive"):
         s.break_lock("v1", s.holder("v1"))
     assert holder_peer.do("write v1 0 3") == "written"
 
@@ -399,7 +395,7 @@ def test_local_break_lock_refuses_a_live_holder(tmp_path, peers):
     assert peer.do("lock v1") == "locked"
     holder = s.holder("v1")
     assert holder.owner == f"pid {peer.proc.pid}" and "store_peer" in holder.description
-    with pytest.raises(HolderAlive):
+    with pytest.raises(Busy, match="alive"):
         s.break_lock("v1", holder)
     peer.kill(signal.SIGKILL)
     assert s.holder("v1") is None, "the kernel drops a dead holder's flock"

@@ -12,7 +12,6 @@ import subprocess
 
 import pytest
 
-from ceph_fixture import ceph_cluster, rbd_namespace  # noqa: F401  (fixtures)
 from evscrypt.image import header as hdr
 
 MiB = 1 << 20

@@ -4,7 +4,9 @@ its volume images, and nothing more.
 Two implementations, one module each: :mod:`.local` (files in a directory,
 today's store) and :mod:`.rbd` (images in a Ceph RBD pool).  Like
 cryptsetup's crypto_backend.h, the interface is narrow, so that the rest of
-evscrypt never knows which one is in use.  An image holds exactly the
+evscrypt never knows which one is in use.  A held lock, and a refused
+break of a live holder's lock, are both Busy (exit 6), with a message that
+names the holder.  An image holds exactly the
 evscrypt format (header copies at the start, data area after them) in
 either store; the store only moves bytes.
 
@@ -16,24 +18,14 @@ interface and how each operation maps onto files and onto RBD.
 from __future__ import annotations
 
 import abc
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple
 
 from ..errors import Busy
-
-
-class LockHeld(Busy):
-    """The image's attach lock is held by someone else."""
-
-
-class HolderAlive(Busy):
-    """The lock holder is alive and answering, so its lock is not broken."""
-
-
-class CatalogConflict(Busy):
-    """The catalog changed since it was read; read it again and retry."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +44,11 @@ class Holder:
 
     def __str__(self) -> str:
         return f"{self.owner} ({self.description})" if self.description else self.owner
+
+
+def holder_description() -> str:
+    """What a holder says about itself in :meth:`Image.lock`: host, pid, since when."""
+    return f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
 
 
 class Pending(abc.ABC):
@@ -118,7 +115,7 @@ class Image(abc.ABC):
     # -- the attach lock -------------------------------------------------------
     @abc.abstractmethod
     def lock(self, description: str) -> None:
-        """Take the exclusive attach lock, or raise LockHeld naming the holder.
+        """Take the exclusive attach lock, or raise Busy naming the holder.
 
         It conflicts with every other open of the image, in this process,
         another process or another host, and is released by :meth:`unlock`,
@@ -151,17 +148,20 @@ class Catalog(abc.ABC):
     """A small key-value area shared by every host of the store (the volume
     catalog lives here).  Updates are compare-and-swap on the whole catalog,
     so two writers on two hosts can never lose each other's updates: the
-    second commit of two that read the same version fails with
-    CatalogConflict and is retried on the new contents (:meth:`update`)."""
+    second commit of two that read the same version is refused, and
+    :meth:`update` retries it on the new contents."""
 
     @abc.abstractmethod
     def read(self) -> CatalogView:
         """All entries and the current version (0: never written)."""
 
     @abc.abstractmethod
-    def commit(self, version: int, put: dict[str, bytes] | None = None, delete: Iterable[str] = ()) -> int:
-        """Apply ``put`` and ``delete`` if the catalog is still at ``version``;
-        return the new version.  CatalogConflict if it moved on."""
+    def commit(self, version: int, put: dict[str, bytes] | None = None, delete: Iterable[str] = ()) -> int | None:
+        """Apply ``put`` and ``delete`` if the catalog is still at ``version``
+        and return the new version; None (nothing done) if it moved on.
+
+        Not an exception: losing the race is the normal case that
+        :meth:`update` retries, and never reaches a user."""
 
     #: A commit that keeps conflicting means the catalog is hot; that many
     #: retries cannot happen with the few writers of a catalog.
@@ -173,11 +173,11 @@ class Catalog(abc.ABC):
         for attempt in range(self.UPDATE_ATTEMPTS):
             view = self.read()
             put, delete = change(dict(view.entries))
-            try:
-                return self.commit(view.version, put, delete)
-            except CatalogConflict:
-                time.sleep(min(0.001 * 2 ** attempt, 0.05))  # let the winner finish
-        raise CatalogConflict("the catalog keeps changing under this update; try again")
+            new = self.commit(view.version, put, delete)
+            if new is not None:
+                return new
+            time.sleep(min(0.001 * 2 ** attempt, 0.05))  # let the winner finish
+        raise Busy("the catalog keeps changing under this update; try again")
 
 
 class BackingStore(abc.ABC):
@@ -221,8 +221,8 @@ class BackingStore(abc.ABC):
     @abc.abstractmethod
     def break_lock(self, name: str, holder: Holder) -> None:
         """Take a dead holder's lock away and fence it, so it can never write
-        to the image again.  HolderAlive (nothing done) if it still answers;
-        NotFound-free no-op if ``holder`` no longer holds the lock."""
+        to the image again.  Busy (nothing done) if it still answers; nothing
+        done either if ``holder`` no longer holds the lock."""
 
     # -- snapshots and clones ----------------------------------------------------
     @abc.abstractmethod

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
-from ..errors import AlreadyExists, FormatError, NotFound, StorageError
+from ..errors import AlreadyExists, Busy, FormatError, NotFound
 from ..fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from ..image.backing import pread_into, punch_hole, pwrite_all, storage_error
 from ..image.copy import sparse_copy
 from ..names import check_name
-from .base import (BackingStore, Catalog, CatalogConflict, CatalogView, Holder, HolderAlive, Image,
-                   LockHeld)
+from .base import BackingStore, Catalog, CatalogView, Holder, Image
 
 SUFFIX = ".img"
 SNAP_DIR = ".snapshots"
@@ -97,11 +95,13 @@ class LocalImage(Image):
             raise storage_error(e, f"cannot resize image {self.name!r}")
 
     def lock(self, description: str) -> None:
+        # a flock has nowhere to keep ``description``: holder() describes a
+        # holder by its pid and command line instead
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             h = self._store.holder(self.name)
-            raise LockHeld(f"image {self.name!r} is locked by {h or 'another open file'}")
+            raise Busy(f"image {self.name!r} is locked by {h or 'another open file'}")
         self._locked = True
 
     def unlock(self) -> None:
@@ -143,7 +143,7 @@ class LocalCatalog(Catalog):
             fcntl.flock(fd, fcntl.LOCK_EX)
             cur = self.read()
             if cur.version != version:
-                raise CatalogConflict(f"the catalog is at version {cur.version}, not {version}")
+                return None
             entries = dict(cur.entries)
             entries.update(put or {})
             for k in delete:
@@ -244,7 +244,7 @@ class LocalStore(BackingStore):
         # the kernel releases a flock when its holder dies: a holder that is
         # still listed is a live process
         if self.holder(name) == holder:
-            raise HolderAlive(f"image {name!r} is locked by {holder}, which is alive; its lock is not broken")
+            raise Busy(f"image {name!r} is locked by {holder}, which is alive; its lock is not broken")
 
     def snapshot(self, name: str, snap: str) -> None:
         dest = self._snap_path(name, snap)

@@ -29,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import threading
-import time
 from pathlib import Path
 
 import rados
@@ -42,8 +40,7 @@ from ..fsutil import fsync_dir, temp_name
 from ..image.copy import pwrite_sparse
 from ..names import check_name
 from . import rados_notify
-from .base import (BackingStore, Catalog, CatalogConflict, CatalogView, Holder, HolderAlive, Image, LockHeld,
-                   Pending)
+from .base import BackingStore, Catalog, CatalogView, Holder, Image, Pending
 
 #: layering for clones, exclusive-lock for attach, object-map + fast-diff
 #: so export and clone reads skip what was never written, deep-flatten so a
@@ -162,11 +159,11 @@ class RBDImage(Image):
         with _converted(f"image {self.name!r}"):
             holder = _holder(self._img)
         if holder is not None:
-            raise LockHeld(f"image {self.name!r} is locked by {holder}")
+            raise Busy(f"image {self.name!r} is locked by {holder}")
         try:
             self._img.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
         except rbd.ReadOnlyImage:  # EROFS: another client holds it
-            raise LockHeld(f"image {self.name!r} is locked by {_holder(self._img) or 'another client'}") from None
+            raise Busy(f"image {self.name!r} is locked by {_holder(self._img) or 'another client'}") from None
         except (rbd.Error, rados.Error) as e:
             raise _error(e, f"cannot lock image {self.name!r}") from None
         self._locked = True
@@ -205,11 +202,6 @@ def _holder(img: rbd.Image) -> Holder | None:
     except KeyError:
         desc = ""
     return Holder(lockers["lockers"][0][2], desc)
-
-
-def holder_description() -> str:
-    """What a holder says about itself: host, pid and since when."""
-    return f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
 
 
 class RBDCatalog(Catalog):
@@ -252,10 +244,10 @@ class RBDCatalog(Catalog):
             try:
                 self._io.operate_write_op(op, CATALOG_OBJECT)
             except (rados.ObjectExists, rados.ObjectNotFound):
-                raise CatalogConflict("the catalog was created or removed meanwhile") from None
+                return None  # created meanwhile (version 0) or removed
             except rados.Error as e:
                 if getattr(e, "errno", None) in (errno.ERANGE, errno.EOVERFLOW):  # version mismatch
-                    raise CatalogConflict(f"the catalog moved on from version {version}") from None
+                    return None
                 raise _error(e, "cannot write the catalog") from None
             return self._io.get_last_version()
 
@@ -377,7 +369,7 @@ class RBDStore(BackingStore):
         if self.holder(name) != holder:
             return  # released or taken over meanwhile: not this holder's lock any more
         if self.is_alive(name, holder):
-            raise HolderAlive(f"image {name!r} is locked by {holder}, which is alive and answering; "
+            raise Busy(f"image {name!r} is locked by {holder}, which is alive and answering; "
                               "its lock is not broken")
         img = self._image(name, write=True)
         try:
