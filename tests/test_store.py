@@ -137,6 +137,32 @@ def test_create_read_write(bstore):
     assert bstore.names() == ["v1"] and bstore.exists("v1") and not bstore.exists("v2")
 
 
+def test_build_under_a_temporary_name(bstore):
+    from evscrypt.errors import InvalidArgument
+    from evscrypt.store.base import temp_name
+
+    tmp = temp_name("v1")
+    with bstore.create(tmp, MiB) as img:
+        img.pwrite(pattern(4096, 2), 0)
+        assert bstore.names() == [], "a temporary image is not listed"
+    bstore.rename(tmp, "v1")
+    assert bstore.names() == ["v1"]
+    for bad in (".v1", ".v1.tmp-xyz", "../v1", ".a/b.tmp-0123abcd"):
+        with pytest.raises(InvalidArgument):
+            bstore.create(bad, MiB)
+
+
+def test_data_extents(bstore):
+    with bstore.create("v1", 16 * MiB) as img:
+        img.pwrite(pattern(4096, 1), 5 * MiB)
+        ext = list(img.data_extents(0, 16 * MiB))
+        covered = [(o, n) for o, n in ext if o <= 5 * MiB < o + n]
+        assert covered, "the written block lies in an extent"
+        assert sum(n for _, n in ext) < 16 * MiB, "holes are left out"
+        assert all(0 <= o and o + n <= 16 * MiB for o, n in ext)
+        assert list(img.data_extents(8 * MiB, 16 * MiB)) == []
+
+
 def test_create_existing_and_open_missing(bstore):
     bstore.create("v1", MiB).close()
     with pytest.raises(AlreadyExists):
@@ -399,3 +425,95 @@ def test_local_break_lock_refuses_a_live_holder(tmp_path, peers):
         s.break_lock("v1", holder)
     peer.kill(signal.SIGKILL)
     assert s.holder("v1") is None, "the kernel drops a dead holder's flock"
+
+
+# -- failure paths ------------------------------------------------------------------
+
+def test_open_store_picks_the_store(tmp_path, ceph_cluster, rbd_namespace, monkeypatch):
+    from evscrypt.errors import InvalidArgument
+    from evscrypt.store import open_store
+    from evscrypt.store.rbd import RBDStore
+
+    assert isinstance(open_store(None, tmp_path), LocalStore)
+    for bad in ("rbd://", "rbd://a/b/c", "s3://bucket"):
+        with pytest.raises(InvalidArgument):
+            open_store(bad, tmp_path)
+    monkeypatch.setenv("CEPH_CONF", ceph_cluster.conf)
+    monkeypatch.setenv("EVSCRYPT_RBD_CLIENT", "hostb")
+    with open_store(f"rbd://{ceph_cluster.pool}/{rbd_namespace}", tmp_path) as s:
+        assert isinstance(s, RBDStore) and (s.client, s.namespace) == ("hostb", rbd_namespace)
+        s.create("v1", MiB).close()
+        assert s.names() == ["v1"]
+
+
+def test_rbd_unreachable_cluster_and_missing_pool(tmp_path, ceph_cluster):
+    import re
+
+    from evscrypt.errors import StorageError
+    from evscrypt.store.rbd import RBDStore
+
+    with pytest.raises(NotFound, match="no-such-pool"):
+        RBDStore("no-such-pool", conf=ceph_cluster.conf, client="hosta")
+    conf = tmp_path / "dead.conf"  # a monitor address where nothing listens
+    conf.write_text(re.sub(r"mon host = .*", "mon host = v2:127.0.0.1:1",
+                           ceph_cluster.dir.joinpath("ceph.conf").read_text()))
+    with pytest.raises(StorageError, match="cannot reach"):
+        RBDStore(ceph_cluster.pool, conf=str(conf), client="hosta", connect_timeout=1)
+
+
+@pytest.mark.parametrize("kind", ["rbd"])
+def test_rbd_io_errors_are_storage_errors(kind, bstore):
+    from evscrypt.errors import StorageError
+
+    with bstore.create("v1", MiB) as img:
+        with pytest.raises(StorageError, match="cannot write"):
+            img.pwrite(bytes(4096), MiB)  # past the end
+        with pytest.raises(StorageError, match="cannot write"):
+            img.aio_write(bytes(4096), MiB).wait()
+
+
+def test_rbd_notify_of_a_missing_pool(ceph_cluster):
+    from evscrypt.errors import StorageError
+    from evscrypt.store import rados_notify
+
+    with pytest.raises(StorageError, match="no-such-pool"):
+        rados_notify.notify(ceph_cluster.conf, "hosta", "no-such-pool", "", "x", 1000)
+
+
+def test_rbd_notify_reports_acks_and_timeouts(ceph_cluster, rbd_namespace, peers):
+    """The ctypes call against librados: a live watcher acks, a notify with
+    no watchers returns at once with nothing, a missing object is an error."""
+    from evscrypt.errors import StorageError
+    from evscrypt.store import rados_notify
+    from evscrypt.store.rbd import RBDStore
+
+    s = RBDStore(ceph_cluster.pool, namespace=rbd_namespace, client="hosta", conf=ceph_cluster.conf)
+    try:
+        s.create("v1", MiB).close()
+        peer = peers(["rbd", ceph_cluster.conf, ceph_cluster.pool, rbd_namespace, "hostb"])
+        assert peer.do("lock v1") == "locked"
+        img = s._image("v1")
+        oid, watchers = f"rbd_header.{img.id()}", {w["id"] for w in img.watchers_list()}
+        img.close()
+        r = rados_notify.notify(ceph_cluster.conf, "hosta", ceph_cluster.pool, rbd_namespace, oid, 10000)
+        assert r.acked == watchers and len(watchers) == 1 and not r.timed_out
+        s.create("v2", MiB).close()  # nobody has it open: no watchers
+        img = s._image("v2")
+        oid = f"rbd_header.{img.id()}"
+        img.close()
+        r = rados_notify.notify(ceph_cluster.conf, "hosta", ceph_cluster.pool, rbd_namespace, oid, 10000)
+        assert r == (frozenset(), frozenset())
+        with pytest.raises(StorageError, match="No such file"):
+            rados_notify.notify(ceph_cluster.conf, "hosta", ceph_cluster.pool, rbd_namespace, "missing", 10000)
+    finally:
+        s.close()
+
+
+def test_local_catalog_damaged(tmp_path):
+    from evscrypt.errors import FormatError
+
+    s = LocalStore(tmp_path)
+    s.catalog().commit(0, {"a": b"1"})
+    (tmp_path / ".catalog.json").write_text("{not json")
+    with pytest.raises(FormatError, match="catalog"):
+        s.catalog().read()

@@ -19,13 +19,32 @@ from __future__ import annotations
 
 import abc
 import os
+import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import Busy
+from ..names import check_name
+
+#: A temporary image's name: hidden (a leading dot, so listings skip it)
+#: and made from a valid name, so it can never collide with one.
+_TEMP = re.compile(r"\.(?P<name>[^/]+)\.tmp-[0-9a-f]{8}")
+
+
+def temp_name(name: str) -> str:
+    """A hidden name to build image ``name`` under before :meth:`BackingStore.rename`."""
+    return f".{check_name(name)}.tmp-{secrets.token_hex(4)}"
+
+
+def check_image_name(name: str) -> str:
+    """An evscrypt name (names.check_name), or a :func:`temp_name`."""
+    m = _TEMP.fullmatch(name) if isinstance(name, str) else None
+    check_name(m.group("name") if m else name)
+    return name
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,11 @@ class Image(abc.ABC):
         """Start a write; ``data`` must not change until it is waited for."""
         self.pwrite(data, offset)
         return Done()
+
+    @abc.abstractmethod
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the regions of [start, end) that may hold data;
+        the rest reads as zeros.  For copies and backups that skip holes."""
 
     @abc.abstractmethod
     def discard(self, offset: int, length: int) -> None:
@@ -183,8 +207,9 @@ class Catalog(abc.ABC):
 class BackingStore(abc.ABC):
     """Named images, their snapshots and copy-on-write clones, and a catalog.
 
-    Image names are evscrypt names (names.check_name); the store maps them to
-    file or RBD image names.  Snapshot names follow the same rule.
+    Image names are evscrypt names (names.check_name) or temporary names
+    (:func:`temp_name`), which listings skip; the store maps them to file or
+    RBD image names.  Snapshot names are evscrypt names.
     """
 
     # -- images ------------------------------------------------------------------
@@ -202,8 +227,9 @@ class BackingStore(abc.ABC):
     @abc.abstractmethod
     def create(self, name: str, size: int) -> Image:
         """A new image of ``size`` bytes that reads as zeros, opened for
-        writing (AlreadyExists).  Build under a temporary name and
-        :meth:`rename` it into place, so an interrupted build leaves nothing."""
+        writing (AlreadyExists).  Build it under a :func:`temp_name` and
+        :meth:`rename` it into place, so an interrupted build leaves nothing
+        a listing shows."""
 
     @abc.abstractmethod
     def rename(self, old: str, new: str) -> None:

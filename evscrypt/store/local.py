@@ -21,9 +21,9 @@ from pathlib import Path
 from ..errors import AlreadyExists, Busy, FormatError, NotFound
 from ..fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from ..image.backing import pread_into, punch_hole, pwrite_all, storage_error
-from ..image.copy import sparse_copy
+from ..image.copy import data_extents, sparse_copy
 from ..names import check_name
-from .base import BackingStore, Catalog, CatalogView, Holder, Image
+from .base import BackingStore, Catalog, CatalogView, Holder, Image, check_image_name
 
 SUFFIX = ".img"
 SNAP_DIR = ".snapshots"
@@ -75,6 +75,12 @@ class LocalImage(Image):
             pwrite_all(self.fd, data, offset)
         except OSError as e:
             raise storage_error(e, f"cannot write image {self.name!r}")
+
+    def data_extents(self, start: int, end: int):
+        try:
+            yield from data_extents(self.fd, start, end)
+        except OSError as e:
+            raise storage_error(e, f"cannot read image {self.name!r}")
 
     def discard(self, offset: int, length: int) -> None:
         try:
@@ -162,7 +168,7 @@ class LocalStore(BackingStore):
         self.root = Path(root)
 
     def path(self, name: str) -> Path:
-        return self.root / f"{check_name(name)}{SUFFIX}"
+        return self.root / f"{check_image_name(name)}{SUFFIX}"
 
     def _snap_path(self, name: str, snap: str) -> Path:
         return self.root / SNAP_DIR / check_name(name) / f"{check_name(snap, 'snapshot')}{SUFFIX}"

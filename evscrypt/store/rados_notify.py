@@ -19,6 +19,8 @@ from typing import NamedTuple
 from ..errors import StorageError
 
 _LIB = "librados.so.2"
+#: Seconds to reach the monitors before the cluster counts as down.
+CONNECT_TIMEOUT = 30
 
 
 class _Ack(ctypes.Structure):  # struct notify_ack_t (librados.h)
@@ -77,6 +79,8 @@ def notify(conf: str | None, client: str, pool: str, namespace: str, oid: str, t
     try:
         _check(lib.rados_conf_read_file(cluster, conf.encode() if conf else None), "reading the configuration")
         _check(lib.rados_conf_parse_env(cluster, None), "CEPH_ARGS")
+        # a cluster that is down fails the connect in this time, not 300 s
+        _check(lib.rados_conf_set(cluster, b"client_mount_timeout", str(CONNECT_TIMEOUT).encode()), "conf")
         _check(lib.rados_connect(cluster), "connect")
         io = ctypes.c_void_p()
         _check(lib.rados_ioctx_create(cluster, pool.encode(), ctypes.byref(io)), f"pool {pool!r}")

@@ -40,7 +40,7 @@ from ..fsutil import fsync_dir, temp_name
 from ..image.copy import pwrite_sparse
 from ..names import check_name
 from . import rados_notify
-from .base import BackingStore, Catalog, CatalogView, Holder, Image, Pending
+from .base import BackingStore, Catalog, CatalogView, Holder, Image, Pending, check_image_name
 
 #: layering for clones, exclusive-lock for attach, object-map + fast-diff
 #: so export and clone reads skip what was never written, deep-flatten so a
@@ -133,6 +133,16 @@ class RBDImage(Image):
         with _converted(p.what):
             p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset, None)
         return p
+
+    def data_extents(self, start: int, end: int):
+        """From the object map (fast-diff), parents included."""
+        out = []
+        with _converted(f"cannot read image {self.name!r}"):
+            end = min(end, self._img.size())
+            if end > start:
+                self._img.diff_iterate(start, end - start, None,
+                                       lambda off, n, exists: out.append((off, n)) if exists else None)
+        return iter(out)
 
     def discard(self, offset: int, length: int) -> None:
         # not discard(): librbd skips a discard's parts that do not cover
@@ -260,7 +270,7 @@ class RBDStore(BackingStore):
     ``client`` of the cluster in ``conf`` (None: librados' search, CEPH_CONF)."""
 
     def __init__(self, pool: str, *, namespace: str = "", client: str = "admin", conf: str | None = None,
-                 liveness_timeout: float = 10.0):
+                 liveness_timeout: float = 10.0, connect_timeout: float = CONNECT_TIMEOUT):
         self.pool, self.namespace, self.client, self.conf = pool, namespace, client, conf
         self.liveness_timeout = liveness_timeout
         self.cluster = rados.Rados(conffile=conf or "", rados_id=client)
@@ -269,11 +279,19 @@ class RBDStore(BackingStore):
             # with clones can be deleted (it waits in the trash)
             self.cluster.conf_set("rbd_default_clone_format", "2")
             self.cluster.conf_set("rbd_blocklist_on_break_lock", "true")
-            self.cluster.connect(timeout=CONNECT_TIMEOUT)
+            # connect()'s own timeout argument is ignored by python-rados
+            self.cluster.conf_set("client_mount_timeout", str(connect_timeout))
+            self.cluster.connect()
             self.ioctx = self.cluster.open_ioctx(pool)
             self.ioctx.set_namespace(namespace)
-        except rados.Error as e:
+        except rados.ObjectNotFound:
             self.cluster.shutdown()
+            raise NotFound(f"RBD pool {pool!r} not found") from None
+        except rados.Error as e:
+            if self.cluster.state == "connected":
+                self.cluster.shutdown()
+            # else no shutdown: after a connect that timed out, rados_shutdown
+            # blocks for good (librados 16); the handle is left to the process
             raise StorageError(f"cannot reach RBD pool {pool!r} as client.{client}: {e}") from None
         self.rbd = rbd.RBD()
         self._catalog = None
@@ -286,7 +304,7 @@ class RBDStore(BackingStore):
 
     def _image(self, name: str, *, write: bool = False, snapshot: str | None = None) -> rbd.Image:
         with _converted(f"image {name!r}" + (f" snapshot {snapshot!r}" if snapshot else "")):
-            return rbd.Image(self.ioctx, check_name(name), snapshot=snapshot, read_only=not write)
+            return rbd.Image(self.ioctx, check_image_name(name), snapshot=snapshot, read_only=not write)
 
     # -- images ------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -306,12 +324,12 @@ class RBDStore(BackingStore):
 
     def create(self, name: str, size: int) -> RBDImage:
         with _converted(f"cannot create image {name!r}"):
-            self.rbd.create(self.ioctx, check_name(name), size, old_format=False, features=FEATURES)
+            self.rbd.create(self.ioctx, check_image_name(name), size, old_format=False, features=FEATURES)
         return self.open(name, write=True)
 
     def rename(self, old: str, new: str) -> None:
         with _converted(f"cannot rename image {old!r} to {new!r}"):
-            self.rbd.rename(self.ioctx, check_name(old), check_name(new))
+            self.rbd.rename(self.ioctx, check_image_name(old), check_image_name(new))
 
     def delete(self, name: str) -> None:
         """Under the lock: remove the snapshots (those with clones move to
@@ -410,28 +428,25 @@ class RBDStore(BackingStore):
     def clone(self, name: str, snap: str, new: str) -> None:
         with _converted(f"cannot clone {name}@{snap} to {new!r}"):
             self.rbd.clone(self.ioctx, check_name(name), check_name(snap, "snapshot"), self.ioctx,
-                           check_name(new), features=FEATURES)
+                           check_image_name(new), features=FEATURES)
 
     def export(self, name: str, dest: Path, *, snapshot: str | None = None) -> None:
         """Like ``rbd export``: the image's bytes into a new sparse file,
         reading only the extents that hold data (parents included)."""
         dest = Path(dest)
-        img = self._image(name, snapshot=snapshot)
+        img = self.open(name, snapshot=snapshot)
         tmp = temp_name(dest)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                with _converted(f"cannot export image {name!r}"):
-                    size = img.size()
-                    extents = []
-                    img.diff_iterate(0, size, None, lambda off, n, exists: extents.append((off, n, exists)))
-                    for off, n, exists in extents:
-                        if not exists:
-                            continue
-                        # whole blocks, as pwrite_sparse needs (sizes are multiples of one)
-                        end = min(size, -(-(off + n) // BLOCK) * BLOCK)
-                        for o in range(off - off % BLOCK, end, EXPORT_STEP):
-                            pwrite_sparse(fd, o, img.read(o, min(EXPORT_STEP, end - o)), BLOCK)
+                size = img.size()
+                for off, n in img.data_extents(0, size):
+                    # whole blocks, as pwrite_sparse needs (sizes are multiples of one)
+                    end = min(size, -(-(off + n) // BLOCK) * BLOCK)
+                    for o in range(off - off % BLOCK, end, EXPORT_STEP):
+                        buf = bytearray(min(EXPORT_STEP, end - o))
+                        img.pread_into(buf, o)
+                        pwrite_sparse(fd, o, buf, BLOCK)
                 os.ftruncate(fd, size)
                 os.fsync(fd)
             finally:
