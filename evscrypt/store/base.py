@@ -140,6 +140,7 @@ class Image(abc.ABC):
     @abc.abstractmethod
     def lock(self, description: str) -> None:
         """Take the exclusive attach lock, or raise Busy naming the holder.
+        The image must be open for writing; taking it again is a no-op.
 
         It conflicts with every other open of the image, in this process,
         another process or another host, and is released by :meth:`unlock`,

@@ -103,6 +103,8 @@ class LocalImage(Image):
     def lock(self, description: str) -> None:
         # a flock has nowhere to keep ``description``: holder() describes a
         # holder by its pid and command line instead
+        if self._locked:
+            return
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

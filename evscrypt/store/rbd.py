@@ -98,8 +98,8 @@ class RBDPending(Pending):
 
 
 class RBDImage(Image):
-    def __init__(self, name: str, image: rbd.Image, store: "RBDStore", write: bool):
-        self.name, self._img, self._store, self._write = name, image, store, write
+    def __init__(self, name: str, image: rbd.Image):
+        self.name, self._img = name, image
         self._locked = False
 
     def size(self) -> int:
@@ -166,6 +166,8 @@ class RBDImage(Image):
         holder's lock over (breaking and blocklisting it), but only once the
         holder's watch has timed out, ~30 s after the crash; until then
         lock_acquire blocks.  Taking over is break_lock's job, on request."""
+        if self._locked:
+            return
         with _converted(f"image {self.name!r}"):
             holder = _holder(self._img)
         if holder is not None:
@@ -319,8 +321,7 @@ class RBDStore(BackingStore):
             return False
 
     def open(self, name: str, *, write: bool = False, snapshot: str | None = None) -> RBDImage:
-        return RBDImage(name, self._image(name, write=write and snapshot is None, snapshot=snapshot), self,
-                        write)
+        return RBDImage(name, self._image(name, write=write and snapshot is None, snapshot=snapshot))
 
     def create(self, name: str, size: int) -> RBDImage:
         with _converted(f"cannot create image {name!r}"):
