@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test demo bench bench-crypto install-systemd clean soak
+.PHONY: install test demo bench bench-rbd bench-crypto install-systemd clean soak
 
 install:
 	@scripts/install.sh
@@ -25,6 +25,10 @@ clean:
 
 bench: install
 	@scripts/bench.sh
+
+bench-rbd: install
+	@BENCH_ONLY_INSTALL=1 scripts/bench.sh
+	$(PY) bench/bench_rbd.py
 
 soak: install
 	$(PY) scripts/soak.py

@@ -4,11 +4,12 @@
 # and on stock pyfuse3 as a pip install runs it).
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
-# see bench/bench_fio.py for the other BENCH_* variables.
+# see bench/bench_fio.py for the other BENCH_* variables.  `make bench-rbd` runs only
+# the install steps (BENCH_ONLY_INSTALL=1): qemu-block-extra is qemu's rbd driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common gocryptfs)
+APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common qemu-block-extra gocryptfs)
 VENV=.venv
 
 missing=()
@@ -31,6 +32,9 @@ if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
     "$VENV/bin/pip" install -q --disable-pip-version-check matplotlib \
         || echo "bench: could not install matplotlib; the PNG will be skipped" >&2
 fi
+
+# make bench-rbd uses the install steps above only
+[[ ${BENCH_ONLY_INSTALL:-} == 1 ]] && exit 0
 
 # evs-stock: evscrypt as a plain `pip install` gives it (stock pyfuse3, the
 # trio data path), in a venv of its own, remade when the sources change.

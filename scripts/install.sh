@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfsprogs util-linux kmod systemd)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfsprogs util-linux kmod systemd
+              ceph-mon ceph-osd ceph-common python3-rados python3-rbd)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
@@ -41,5 +42,8 @@ fi
 # never caches them itself, and every `evscrypt` command would compile its
 # modules again (~25 ms of each command's start-up).  Quick when up to date.
 "$VENV/bin/python" -m compileall -q evscrypt >/dev/null
+# librados and librbd come only from Debian (no PyPI package has them): link
+# their python3.11 extension modules into the venv when its ABI is the same.
+scripts/link-ceph-python.sh "$VENV"
 # pyfuse3 3.5.0 lacks the fallocate op (discard); rebuild it with our patch.
 scripts/build-pyfuse3.sh "$VENV"

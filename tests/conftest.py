@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh state directory, a volume store on it, a local
 KMS with an injectable clock (everything under pytest's tmp_path), and the
-session's fresh pip-installed venv (stock pyfuse3)."""
+session's fresh pip-installed venv (stock pyfuse3).  The Ceph test cluster
+(ceph_fixture.py) starts only for the tests that use it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ceph_fixture import ceph_cluster, rbd_namespace  # noqa: F401  (one cluster per session, for every module)
 from evscrypt.kms.local import LocalKMS
 from evscrypt.volumes import VolumeStore
 

@@ -1,0 +1,289 @@
+"""The backing-store interface: what evscrypt needs from the place that keeps
+its volume images, and nothing more.
+
+Two implementations, one module each: :mod:`.local` (files in a directory,
+today's store) and :mod:`.rbd` (images in a Ceph RBD pool).  Like
+cryptsetup's crypto_backend.h, the interface is narrow, so that the rest of
+evscrypt never knows which one is in use.  A held lock, and a refused
+break of a live holder's lock, are both Busy (exit 6), with a message that
+names the holder.  An image holds exactly the
+evscrypt format (header copies at the start, data area after them) in
+either store; the store only moves bytes.
+
+Vendor errors (OSError, rados.Error, rbd.Error) are converted to the
+evscrypt error tree inside the implementations.  docs/STORE.md describes the
+interface and how each operation maps onto files and onto RBD.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+from ..errors import Busy
+from ..names import check_name
+
+#: A temporary image's name: hidden (a leading dot, so listings skip it)
+#: and made from a valid name, so it can never collide with one.
+_TEMP = re.compile(r"\.(?P<name>[^/]+)\.tmp-[0-9a-f]{8}")
+
+
+def temp_name(name: str) -> str:
+    """A hidden name to build image ``name`` under before :meth:`BackingStore.rename`."""
+    return f".{check_name(name)}.tmp-{secrets.token_hex(4)}"
+
+
+def check_image_name(name: str) -> str:
+    """An evscrypt name (names.check_name), or a :func:`temp_name`."""
+    m = _TEMP.fullmatch(name) if isinstance(name, str) else None
+    check_name(m.group("name") if m else name)
+    return name
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds an image's attach lock.
+
+    ``owner`` identifies the holder to the store (a pid locally, the RADOS
+    client address on RBD) and is what :meth:`BackingStore.break_lock`
+    takes, so a lock is only ever broken for the holder that was looked at.
+    ``description`` is what the holder said about itself when it locked (host,
+    pid, time); it is for messages only.
+    """
+
+    owner: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.owner} ({self.description})" if self.description else self.owner
+
+
+def holder_description() -> str:
+    """What a holder says about itself in :meth:`Image.lock`: host, pid, since when."""
+    return f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+
+
+class Pending(abc.ABC):
+    """An I/O in flight (:meth:`Image.aio_read` / :meth:`Image.aio_write`)."""
+
+    @abc.abstractmethod
+    def wait(self):
+        """Block until done; return the data of a read (bytes), None for a
+        write; raise the evscrypt error of a failure."""
+
+
+class Done(Pending):
+    """A Pending that completed when it was made (the local store's I/O)."""
+
+    def __init__(self, result=None):
+        self._result = result
+
+    def wait(self):
+        return self._result
+
+
+class Image(abc.ABC):
+    """One open backing image.  I/O methods may be called from many threads
+    at once; open/close/lock from one."""
+
+    name: str
+
+    # -- data ------------------------------------------------------------------
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The image's length in bytes (header area plus data area)."""
+
+    @abc.abstractmethod
+    def pread_into(self, buf, offset: int) -> None:
+        """Fill ``buf`` from ``offset``; bytes past the end read as zeros."""
+
+    @abc.abstractmethod
+    def pwrite(self, data, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` (within :meth:`size`)."""
+
+    def aio_read(self, offset: int, length: int) -> Pending:
+        """Start a read; the store may run it in the background."""
+        buf = bytearray(length)
+        self.pread_into(buf, offset)
+        return Done(bytes(buf))
+
+    def aio_write(self, data, offset: int) -> Pending:
+        """Start a write; ``data`` must not change until it is waited for."""
+        self.pwrite(data, offset)
+        return Done()
+
+    @abc.abstractmethod
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of the regions of [start, end) that may hold data;
+        the rest reads as zeros.  For copies and backups that skip holes."""
+
+    @abc.abstractmethod
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; it then reads as zeros."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable (fsync)."""
+
+    @abc.abstractmethod
+    def resize(self, size: int) -> None:
+        """Set the image's length; new bytes read as zeros."""
+
+    # -- the attach lock -------------------------------------------------------
+    @abc.abstractmethod
+    def lock(self, description: str) -> None:
+        """Take the exclusive attach lock, or raise Busy naming the holder.
+        The image must be open for writing; taking it again is a no-op.
+
+        It conflicts with every other open of the image, in this process,
+        another process or another host, and is released by :meth:`unlock`,
+        :meth:`close`, or the holder's death (locally at once; on RBD only
+        by :meth:`BackingStore.break_lock`, which fences the dead holder)."""
+
+    @abc.abstractmethod
+    def unlock(self) -> None:
+        """Release the attach lock (nothing if not held)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the lock if held and close; idempotent."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CatalogView(NamedTuple):
+    """The catalog's entries as read, and the version that :meth:`Catalog.commit` checks."""
+
+    entries: dict[str, bytes]
+    version: int
+
+
+class Catalog(abc.ABC):
+    """A small key-value area shared by every host of the store (the volume
+    catalog lives here).  Updates are compare-and-swap on the whole catalog,
+    so two writers on two hosts can never lose each other's updates: the
+    second commit of two that read the same version is refused, and
+    :meth:`update` retries it on the new contents."""
+
+    @abc.abstractmethod
+    def read(self) -> CatalogView:
+        """All entries and the current version (0: never written)."""
+
+    @abc.abstractmethod
+    def commit(self, version: int, put: dict[str, bytes] | None = None, delete: Iterable[str] = ()) -> int | None:
+        """Apply ``put`` and ``delete`` if the catalog is still at ``version``
+        and return the new version; None (nothing done) if it moved on.
+
+        Not an exception: losing the race is the normal case that
+        :meth:`update` retries, and never reaches a user."""
+
+    #: A commit that keeps conflicting means the catalog is hot; that many
+    #: retries cannot happen with the few writers of a catalog.
+    UPDATE_ATTEMPTS = 100
+
+    def update(self, change: Callable[[dict[str, bytes]], tuple[dict[str, bytes], Iterable[str]]]) -> int:
+        """Read, let ``change(entries)`` return (put, delete), commit; again
+        on a conflict.  ``change`` must be a pure function of the entries."""
+        for attempt in range(self.UPDATE_ATTEMPTS):
+            view = self.read()
+            put, delete = change(dict(view.entries))
+            new = self.commit(view.version, put, delete)
+            if new is not None:
+                return new
+            time.sleep(min(0.001 * 2 ** attempt, 0.05))  # let the winner finish
+        raise Busy("the catalog keeps changing under this update; try again")
+
+
+class BackingStore(abc.ABC):
+    """Named images, their snapshots and copy-on-write clones, and a catalog.
+
+    Image names are evscrypt names (names.check_name) or temporary names
+    (:func:`temp_name`), which listings skip; the store maps them to file or
+    RBD image names.  Snapshot names are evscrypt names.
+    """
+
+    # -- images ------------------------------------------------------------------
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """The images, sorted."""
+
+    @abc.abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def open(self, name: str, *, write: bool = False, snapshot: str | None = None) -> Image:
+        """Open an image (NotFound); a snapshot opens read-only."""
+
+    @abc.abstractmethod
+    def create(self, name: str, size: int) -> Image:
+        """A new image of ``size`` bytes that reads as zeros, opened for
+        writing (AlreadyExists).  Build it under a :func:`temp_name` and
+        :meth:`rename` it into place, so an interrupted build leaves nothing
+        a listing shows."""
+
+    @abc.abstractmethod
+    def rename(self, old: str, new: str) -> None:
+        """Rename an image; never replaces one (AlreadyExists)."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None:
+        """Delete an image and its snapshots (Busy while it is locked)."""
+
+    # -- the attach lock, from outside -----------------------------------------
+    @abc.abstractmethod
+    def holder(self, name: str) -> Holder | None:
+        """Who holds the image's attach lock, or None."""
+
+    @abc.abstractmethod
+    def break_lock(self, name: str, holder: Holder) -> None:
+        """Take a dead holder's lock away and fence it, so it can never write
+        to the image again.  Busy (nothing done) if it still answers; nothing
+        done either if ``holder`` no longer holds the lock."""
+
+    # -- snapshots and clones ----------------------------------------------------
+    @abc.abstractmethod
+    def snapshot(self, name: str, snap: str) -> None:
+        """A read-only point-in-time copy of the image (crash-consistent:
+        the caller stops writes around it)."""
+
+    @abc.abstractmethod
+    def snapshots(self, name: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def delete_snapshot(self, name: str, snap: str) -> None: ...
+
+    @abc.abstractmethod
+    def clone(self, name: str, snap: str, new: str) -> None:
+        """A new image that starts as snapshot ``snap`` of ``name`` and shares
+        its unchanged data (copy-on-write where the store can).  The clone is
+        independent: writing it never changes the snapshot, and it survives
+        the deletion of ``name`` and ``snap``."""
+
+    @abc.abstractmethod
+    def export(self, name: str, dest: Path, *, snapshot: str | None = None) -> None:
+        """Write the image (or one of its snapshots) into the new local file
+        ``dest``, sparse: the same bytes a local store keeps."""
+
+    # -- the shared catalog --------------------------------------------------------
+    @abc.abstractmethod
+    def catalog(self) -> Catalog: ...
+
+    def close(self) -> None:
+        """Drop connections; images opened from the store must be closed first."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
