@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .crypto.xts import SECTOR_SIZE, SectorCipher
-from .errors import AlreadyExists, EvscryptError, InvalidArgument, NotFound, StorageError
+from .errors import AlreadyExists, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, StorageError
 from .fsutil import fsync_dir
 from .image import header as hdr
 from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
@@ -26,6 +26,7 @@ from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
 from .secret import Secret
+from . import tempentry
 
 #: Largest volume we accept: 64 TiB, far beyond what a sparse file on one
 #: host should carry, and small enough that offsets fit every API.
@@ -138,38 +139,47 @@ class VolumeStore:
         """
         check_size(size)
         vol_uuid = str(uuidlib.uuid4())
+        return self._build(name, vol_uuid, owner, lambda fd: self.initialise(
+            fd, vol_uuid, name, size, encrypted=encrypted, kms=kms, key=key, preallocate=preallocate,
+            origin=origin, progress=progress, fill=fill))
+
+    def initialise(self, fd: int, vol_uuid: str, name: str, size: int, *, encrypted: bool, kms: str = "local",
+                   key: str | None = None, preallocate: bool = False, origin: dict | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   fill: Callable[[Engine], None] | None = None) -> hdr.Header:
+        """Write a new image into the empty file ``fd``: its header (for an
+        encrypted one, a new DK wrapped by the CMK under the context of
+        ``vol_uuid`` and ``name``), then its contents.  Volumes are made by
+        :meth:`create`; `image copy` makes encrypted images with it."""
+        check_size(size)
         h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
                        data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
-
-        def build(fd: int) -> hdr.Header:
-            dk = None
-            try:
-                if encrypted:
-                    backend = self.backend(kms)
-                    h.encryption_context = encryption_context(vol_uuid, name)
-                    dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
-                                                                    h.encryption_context)
-                    h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
-                    h.seal(dk)
-                os.ftruncate(fd, h.data_offset + size)
-                hdr.store(fd, h)
-                if preallocate or fill:
-                    cipher = SectorCipher(dk) if dk else None
-                    try:
-                        eng = Engine(fd, size, h.data_offset, cipher)
-                        if preallocate:
-                            self._preallocate(eng, progress)
-                        if fill:
-                            fill(eng)
-                    finally:
-                        if cipher:
-                            cipher.close()
-            finally:
-                if dk:
-                    dk.wipe()
-            return h
-
-        return self._build(name, vol_uuid, owner, build)
+        dk = None
+        try:
+            if encrypted:
+                backend = self.backend(kms)
+                h.encryption_context = encryption_context(vol_uuid, name)
+                dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
+                                                                h.encryption_context)
+                h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
+                h.seal(dk)
+            os.ftruncate(fd, h.data_offset + size)
+            hdr.store(fd, h)
+            if preallocate or fill:
+                cipher = SectorCipher(dk) if dk else None
+                try:
+                    eng = Engine(fd, size, h.data_offset, cipher)
+                    if preallocate:
+                        self._preallocate(eng, progress)
+                    if fill:
+                        fill(eng)
+                finally:
+                    if cipher:
+                        cipher.close()
+        finally:
+            if dk:
+                dk.wipe()
+        return h
 
     def create_copy(self, name: str, write_image: Callable[[int], None], *, origin: dict,
                     size: int | None = None, owner: int | None = None) -> hdr.Header:
@@ -207,15 +217,15 @@ class VolumeStore:
         """Run ``build(fd)`` on a new temporary image, then link it into place.
 
         Anything that stops the build (an error, Ctrl-C, SIGTERM turned into
-        KeyboardInterrupt by the CLI) removes the temporary file."""
+        KeyboardInterrupt by the CLI) removes the temporary file; a kill -9
+        leaves it, unlocked, for :func:`evscrypt.tempentry.collect`."""
         check_name(name)
         final = self.path(name)
         if final.exists():
             raise AlreadyExists(f"volume {name!r} already exists")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.img.{vol_uuid[:8]}.tmp"
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            tmp, fd = tempentry.create(final)  # locked until fd is closed, after the link or the unlink
         except OSError as e:
             raise storage_error(e, f"cannot create volume {name!r}")
         try:
@@ -227,7 +237,10 @@ class VolumeStore:
                 os.link(tmp, final)  # unlike rename, refuses to replace a racing create
             except FileExistsError:
                 raise AlreadyExists(f"volume {name!r} already exists")
-            os.unlink(tmp)
+            # the image is in place: its flock would now read as "attached"
+            tempentry.release(fd)
+            with contextlib.suppress(FileNotFoundError):  # a collector may take the spare name first
+                os.unlink(tmp)
             fsync_dir(self.dir)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -286,12 +299,17 @@ class VolumeStore:
             "header_copies_valid": list(op.loaded.valid),
         }
         if h.encrypted:
-            try:
-                ki = self.backend(h.kms_backend).describe(h.key_id)
-                d["key_state"], d["key_alias"] = ki.state.value, ki.alias
-            except EvscryptError as e:
-                d["key_state"] = f"Unknown ({e.message})"
+            d.update(self.key_status(h.kms_backend, h.key_id))
         return d
+
+    def key_status(self, kms: str, key_id: str) -> dict:
+        """The alias and state of a CMK, for info displays: never raises (a
+        KMS that does not answer makes the state "Unknown (why)")."""
+        try:
+            ki = self.backend(kms).describe(key_id)
+        except EvscryptError as e:
+            return {"key_alias": None, "key_state": f"Unknown ({e.message})"}
+        return {"key_alias": ki.alias, "key_state": ki.state.value}
 
     def grow(self, name: str, size: int) -> hdr.Header:
         """Grow a detached volume: extend the image, then store the header
@@ -348,6 +366,8 @@ class VolumeStore:
     def dump_key(self, name: str, key_file: Path) -> Path:
         """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""
         h = self.header(name)
+        if not h.encrypted:
+            raise EncryptionRuleError(f"volume {name!r} is not encrypted: it has no data key to dump")
         with self.unwrap(h) as dk:
             try:
                 fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
