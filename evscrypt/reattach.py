@@ -96,7 +96,7 @@ _MESSAGES = {
         f"{v.volume} cannot be attached again until the key's owner grants it again"
         + _hint(v, f"evscrypt key grant {v.key} --to {v.user}", "")),
     Reason.OWNER_NOT_ALLOWED: lambda v: (
-        f"{v.user}, the owner of volume {v.volume}, is no longer allowed to use key {v.key}: once detached, "
+        f"{v.user}, the owner of volume {v.volume}, is not allowed to use key {v.key}: once detached, "
         f"{v.volume} cannot be attached again until the key's owner grants it"
         + _hint(v, f"evscrypt key grant {v.key} --to {v.user}", "")),
     Reason.UNKNOWN: lambda v: (
