@@ -826,24 +826,25 @@ def test_aws_server_errors_mean_kms_unavailable(failing_gateway, make_daemon):
 def test_status_answers_within_one_kms_timeout_while_kms_blackholed(make_daemon, tmp_path, request):
     """`status` is the liveness check: a silent KMS must not make it take one
     KMS timeout per attached volume."""
+    timeout = 8  # one KMS call into the blackhole takes this long
     kit = _kit(request, make_daemon, tmp_path, "aws",
-               env={"EVSCRYPT_AWS_CONNECT_TIMEOUT": "1", "EVSCRYPT_AWS_READ_TIMEOUT": "1",
+               env={"EVSCRYPT_AWS_CONNECT_TIMEOUT": "1", "EVSCRYPT_AWS_READ_TIMEOUT": str(timeout),
                     "EVSCRYPT_AWS_MAX_ATTEMPTS": "1"})
     d, kms, moto = kit.d, kit.kms, kit.kms.moto
     key = kms.make_key("k-status")
-    names = ["s0", "s1", "s2", "s3", "s4"]
+    names = ["s0", "s1", "s2", "s3"]
     for n in names:
         kit.create(n, key)
-    for n in names[:-1]:
         kit.attach(n)
     moto.blackhole()
     try:
-        p, one_timeout = run(d, "attach", names[-1])  # one KMS call that times out
-        assert p.returncode == UNAVAILABLE, p
         p, took = run(d, "status", "--json")
         assert p.returncode == OK, p
         states = {v["name"]: v["key_state"] for v in json.loads(p.stdout)["volumes"]}
-        assert set(states) == set(names[:-1])
-        assert took < 2 * one_timeout + 1, f"status took {took:.1f} s; one KMS timeout is {one_timeout:.1f} s"
+        assert set(states) == set(names)
+        # one KMS timeout per volume, one after the other, would be 32 s; even
+        # a single one would be 8 s: status answers after its own deadline
+        # (3 s) instead, with room for a busy machine's start-up of the CLI
+        assert took < timeout, f"status took {took:.1f} s; one KMS call takes {timeout} s"
     finally:
         moto.up()

@@ -262,15 +262,18 @@ class VolumeManager:
             return self.describe(a)
 
     # -- detach ----------------------------------------------------------------
-    async def _reattach(self, a: Attachment) -> Verdict:
+    async def _reattach(self, a: Attachment, abandon: bool = False) -> Verdict:
         """Could ``a`` attach again after a detach?  Asks the KMS in a thread
-        and remembers the answer (and the key state) for status."""
+        and remembers the answer (and the key state) for status.  With
+        ``abandon``, a cancel (status's deadline) does not wait for a KMS
+        that does not answer: the thread finishes alone, its answer unused."""
         h = a.header
         if not h.encrypted:
             a.reattach = check_reattach(a.name, h, a.owner, None)  # no KMS: nothing to wait for
             return a.reattach
         backend = self.store.backend(h.kms_backend)
-        v = await trio.to_thread.run_sync(check_reattach, a.name, h, a.owner, backend, limiter=self.kms_limiter)
+        v = await trio.to_thread.run_sync(check_reattach, a.name, h, a.owner, backend, limiter=self.kms_limiter,
+                                          abandon_on_cancel=abandon)
         a.reattach = v
         a.key_state = v.state
         return v
@@ -535,5 +538,5 @@ class VolumeManager:
             with trio.move_on_after(STATUS_KMS_DEADLINE):
                 async with trio.open_nursery() as n:
                     for a in atts:
-                        n.start_soon(self._reattach, a)
+                        n.start_soon(self._reattach, a, True)
         return {"pid": os.getpid(), "mountpoint": str(self.disks), "volumes": [self.describe(a) for a in atts]}
