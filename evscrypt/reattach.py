@@ -146,7 +146,7 @@ def check(volume: str, header: Header, owner: int, backend: KMSBackend | None) -
             return Verdict(volume, True, backend=header.kms_backend, key=base["key"], state=base["state"])
         access = backend.access(header.key_id, owner)
     except KeyNotFound:
-        return Verdict(**base, reason=Reason.KEY_NOT_FOUND)
+        return Verdict(**{**base, "state": "NotFound"}, reason=Reason.KEY_NOT_FOUND)
     except (EvscryptError, OSError) as e:
         why = e.message if isinstance(e, EvscryptError) else (e.strerror or str(e))
         return Verdict(**{**base, "state": "Unknown"}, reason=Reason.UNKNOWN, detail=why)

@@ -112,6 +112,9 @@ def test_stop_with_nothing_in_the_way(daemon):
     assert "detached c; key wiped" in d.log and " WARNING " not in d.log
     p = d.cli("stop", check=False)
     assert p.returncode == DAEMON_UNAVAILABLE and "not running" in p.stderr
+    p = d.cli("stop", "--json", check=False)
+    assert p.returncode == DAEMON_UNAVAILABLE
+    assert json.loads(p.stdout)["error"]["type"] == "DaemonUnavailable"
     # and it starts again, its volumes intact
     d.start()
     d.attach("c")

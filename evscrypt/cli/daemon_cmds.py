@@ -61,9 +61,10 @@ def stop(env: Env, force, as_json):
     its CMK is Disabled, PendingDeletion or Deleted, or its owner may no
     longer use the key.  The daemon then keeps running, I/O unaffected."""
     sock = socket_path(env.runtime)
-    pid = client.daemon_pid(sock)
-    fd = client.pidfd(pid)
+    fd = None
     try:
+        pid = client.daemon_pid(sock)
+        fd = client.pidfd(pid)
         r = client.call(sock, "stop", force=force)
     except EvscryptError as e:
         if fd is not None:

@@ -398,6 +398,8 @@ class VolumeManager:
             if a is None:
                 continue
             async with self._lock(name):
+                if self.by_name.get(name) is not a:
+                    continue  # detached meanwhile (a stop request and a signal may overlap)
                 if a.mount:
                     try:
                         await trio.to_thread.run_sync(loopmount.teardown, a.mount, True)
