@@ -43,7 +43,8 @@ def test_each_key_state(kms, clock):
     clock.advance(days=8)
     v = reattach.check("v", header(k), 0, kms)
     assert (v.reason, v.short) == (reattach.Reason.KEY_DELETED, "no (key Deleted)")
-    assert v.message == "key k is Deleted: once detached, volume v can never be attached again; its data is lost for good"
+    assert v.message == ("key k is Deleted: once detached, volume v can never be attached again; its data is "
+                         "lost for good")
 
     v = reattach.check("v", header("no-such-key"), 0, kms)
     assert (v.reason, v.state, v.short) == (reattach.Reason.KEY_NOT_FOUND, "NotFound", "no (key not found)")
@@ -74,7 +75,8 @@ def test_a_sealed_keystore_is_an_unknown_state(kms, tmp_path, monkeypatch):
     kms.seal_root(pw)
     v = reattach.check("v", header(k), 0, kms)  # no passphrase in the environment
     assert (v.ok, v.reason, v.state, v.short) == (False, reattach.Reason.UNKNOWN, "Unknown", "no (key state unknown)")
-    assert v.message.startswith(f"cannot check key state of {k} (the local keystore is sealed")  # the KMS could not name it
+    # the KMS could not name the key: its id from the header
+    assert v.message.startswith(f"cannot check key state of {k} (the local keystore is sealed")
     assert v.message.endswith("once detached, volume v may not attach again")
     monkeypatch.setenv("EVSCRYPT_PASSPHRASE_FILE", str(pw))
     assert reattach.check("v", header(k), 0, kms).ok
