@@ -103,11 +103,22 @@ def expect_fail(d, code: int, *args: str, match: str | None = None) -> str:
     return lines[0]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default.  A suite started in the
+    background (`make test &`, CI) inherits SIGINT ignored, as shells do for
+    background jobs, and a CLI that ignores it would never see the Ctrl-C the
+    tests send it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_cli(d, *args: str) -> subprocess.Popen:
     from daemon_fixture import EVSCRYPT
 
     return subprocess.Popen([EVSCRYPT, *map(str, args)], env=d.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def open_fifo_writer(path: Path, proc: subprocess.Popen) -> int:
