@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -36,6 +37,7 @@ def wait_for_io(d, name: str, fio: subprocess.Popen, reads: int, writes: int) ->
         if io["reads"] > reads and io["writes"] > writes:
             return io
         assert fio.poll() is None, fio.communicate()
+        time.sleep(0.05)
 
 
 def disabled_message(key: str, volume: str) -> str:
