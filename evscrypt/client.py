@@ -61,3 +61,54 @@ def call(sock_path: str | os.PathLike, op: str, timeout: float = DEFAULT_TIMEOUT
     if not resp.get("ok"):
         protocol.raise_error(resp)
     return resp.get("result")
+
+
+
+def daemon_pid(sock_path: str | os.PathLike, timeout: float = 30.0) -> int:
+    """The daemon's pid as this process sees it: SO_PEERCRED of the control
+    socket, which the kernel translates across pid namespaces."""
+    import struct
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        try:
+            _connect(s, sock_path, timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {sock_path})")
+        except PermissionError:
+            raise DaemonUnavailable(f"permission denied on {sock_path}")
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[0]
+    finally:
+        s.close()
+
+
+def pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``, taken before asking it to exit (so a reused pid
+    cannot fool the wait); None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def wait_exit(pid: int, fd: int | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Wait until process ``pid`` (with pidfd ``fd``, which is closed) has
+    exited; False if it is still there after ``timeout``.  The pidfd wakes
+    us at the exit itself; without one, /proc is looked at now and then."""
+    if fd is not None:
+        import select
+
+        try:
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            return bool(p.poll(timeout * 1000))
+        finally:
+            os.close(fd)
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -32,14 +32,19 @@ def attach(runtime, name: str, mount: str | None = None, mkfs: str | None = None
         print(f"mounted {m['fstype']} on {m['loop']} at {m['mountpoint']}", file=sys.stderr)
 
 
-def detach(runtime, name: str, force: bool = False) -> None:
+def detach(runtime, name: str, force: bool = False, as_json: bool = False) -> None:
     from .client import call
     from .paths import socket_name
 
     r = call(socket_name(os.fspath(runtime)), "detach", name=name, force=force)
     for w in r.get("warnings", []):
         warn(w)
-    print(f"detached {name}", flush=True)
+    if as_json:
+        import json
+
+        print(json.dumps(r, indent=2, sort_keys=True), flush=True)
+    else:
+        print(f"detached {name}", flush=True)
 
 
 def warn(msg: str) -> None:

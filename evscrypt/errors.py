@@ -16,8 +16,11 @@ class EvscryptError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str | None = None):
+    def __init__(self, message: str | None = None, details: dict | None = None):
         super().__init__(message or (self.__doc__ or "").strip())
+        #: structured facts behind the message, for --json output (the
+        #: control protocol carries them); never key material
+        self.details = details
 
     @property
     def message(self) -> str:

@@ -5,11 +5,12 @@ of at most MAX_MESSAGE bytes:
 
     request:  {"v": 1, "op": "attach", "args": {...}}
     response: {"v": 1, "ok": true, "result": {...}}
-              {"v": 1, "ok": false, "error": {"type": "Busy", "message": "..."}}
+              {"v": 1, "ok": false, "error": {"type": "Busy", "message": "...", "details": {...}}}
 
 The error type is the name of a class in evscrypt.errors, so the client
 re-raises the same class and the CLI prints the same exit code as it would
-for a local error.
+for a local error.  ``details`` (optional) carries an error's structured
+facts, for the CLI's --json output.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import EvscryptError, ProtocolError, error_classes
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
-OPS = ("ping", "status", "attach", "detach", "snapshot", "resize")
+OPS = ("ping", "status", "attach", "detach", "snapshot", "resize", "stop")
 
 
 def encode(obj: dict) -> bytes:
@@ -62,11 +63,16 @@ def ok(result) -> dict:
 
 
 def error(exc: EvscryptError) -> dict:
-    return {"v": VERSION, "ok": False, "error": {"type": type(exc).__name__, "message": exc.message}}
+    err = {"type": type(exc).__name__, "message": exc.message}
+    if exc.details is not None:
+        err["details"] = exc.details
+    return {"v": VERSION, "ok": False, "error": err}
 
 
 def raise_error(resp: dict) -> None:
     """Re-raise a daemon error response as its own class."""
     err = resp.get("error") or {}
     cls = error_classes().get(err.get("type"), EvscryptError)
-    raise cls(str(err.get("message", "the daemon reported an error")))
+    details = err.get("details")
+    raise cls(str(err.get("message", "the daemon reported an error")),
+              details=details if isinstance(details, dict) else None)

@@ -8,7 +8,9 @@ as stored: ciphertext, holes kept, a reflink where the filesystem can), and
 volume's encryption, DK and CMK; nothing is decrypted to make it.
 
 Each is built in a hidden temporary directory that is renamed into place
-when complete, so an interrupted create leaves nothing a listing would show.
+when complete, so an interrupted create leaves nothing a listing would show;
+the directory is locked while it is built, so `evscrypt gc` can tell the
+one a kill -9 left behind from one still being built (evscrypt.tempentry).
 
 Taking the copy (:func:`capture`): a detached volume is copied here under its
 exclusive attach lock, so no attach can race it; an attached volume is copied
@@ -32,6 +34,7 @@ from .fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from .image import header as hdr
 from .image.backing import storage_error
 from .image.copy import sparse_copy
+from . import tempentry
 from .names import check_name
 from .volumes import VolumeStore
 
@@ -153,51 +156,61 @@ class CopyStore:
     def create(self, name: str, store: VolumeStore, volume: str, online: Online | None,
                progress: Progress | None = None) -> dict:
         """Copy volume ``volume`` into a new snapshot or image called ``name``."""
+        store.path(volume)  # validates the volume name before any work
+
+        def fill(image: Path) -> tuple[dict, Entry]:
+            h, entry = capture(store, volume, image, online, progress)
+            return {"volume": volume, "volume_uuid": h.uuid, **self._encryption(h)}, \
+                dataclasses.replace(entry, size=h.size)
+
+        return self.build(name, fill)
+
+    @staticmethod
+    def _encryption(h: hdr.Header) -> dict:
+        return {"size": h.size, "encrypted": h.encrypted, "kms": h.kms_backend, "key_id": h.key_id}
+
+    def build(self, name: str, fill: Callable[[Path], tuple[dict, Entry]]) -> dict:
+        """Make the entry ``name``: ``fill(image)`` writes the new file
+        ``image`` and returns what meta.json says of it besides its name,
+        and the catalog entry its header must match from now on.
+
+        All of it happens in a hidden temporary directory, locked while we
+        work in it (see evscrypt.tempentry), renamed into place when
+        complete; anything that stops it removes the directory."""
         final = self.path(name)
         if final.exists():
             raise AlreadyExists(f"{self.kind} {name!r} already exists")
-        store.path(volume)  # validates the volume name before any work
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = temp_name(final)
-        tmp.mkdir(mode=0o700)
-        try:
-            t0 = time.monotonic()
-            h, entry = capture(store, volume, tmp / IMAGE_FILE, online, progress)
-            meta = {
-                "version": META_VERSION,
-                "kind": self.kind,
-                "name": name,
-                "volume": volume,
-                "volume_uuid": h.uuid,
-                "created": hdr.now_iso(),
-                "size": h.size,
-                "encrypted": h.encrypted,
-                "kms": h.kms_backend,
-                "key_id": h.key_id,
-                "seconds": round(time.monotonic() - t0, 3),
-            }
-            write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
-            fsync_dir(tmp)
-            with store.catalog.adding(self.kind, name, dataclasses.replace(entry, size=h.size)):
-                rename_noreplace(tmp, final, f"{self.kind} {name!r}")
-            fsync_dir(self.dir)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise storage_error(e, f"cannot create {self.kind} {name!r}")
-            raise
+        with tempentry.held(final, directory=True, mode=0o700) as (tmp, _):
+            try:
+                t0 = time.monotonic()
+                filled, entry = fill(tmp / IMAGE_FILE)
+                meta = {"version": META_VERSION, "kind": self.kind, "name": name, "created": hdr.now_iso(), **filled}
+                meta["seconds"] = round(time.monotonic() - t0, 3)
+                write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+                fsync_dir(tmp)
+                with self.catalog.adding(self.kind, name, entry):
+                    rename_noreplace(tmp, final, f"{self.kind} {name!r}")
+                fsync_dir(self.dir)
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, OSError):
+                    raise storage_error(e, f"cannot create {self.kind} {name!r}")
+                raise
         return meta
 
     def delete(self, name: str) -> None:
-        """Delete in two steps: a rename out of sight (atomic), then the files."""
+        """Delete in two steps: a rename out of sight (atomic), then the files.
+        The directory is locked first, so no collector takes it half-way."""
         final = self.path(name)
         if not final.is_dir():
             raise NotFound(f"{self.kind} {name!r} not found")
-        trash = temp_name(final, "deleting")
-        os.rename(final, trash)
-        fsync_dir(self.dir)
-        self.catalog.remove(self.kind, name)
-        shutil.rmtree(trash, ignore_errors=True)
+        with tempentry.lock_for_removal(final):
+            trash = temp_name(final, "deleting")
+            os.rename(final, trash)
+            fsync_dir(self.dir)
+            self.catalog.remove(self.kind, name)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def header(self, name: str) -> tuple[hdr.Header, Entry]:
         """The image's header, checked against its catalog entry, and the entry."""

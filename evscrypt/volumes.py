@@ -35,6 +35,7 @@ from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
 from .secret import Secret
+from . import tempentry
 
 log = logging.getLogger("evscrypt.volumes")
 
@@ -326,40 +327,49 @@ class VolumeStore:
         """
         check_size(size)
         vol_uuid = str(uuidlib.uuid4())
+        return self._build(name, vol_uuid, owner, lambda fd: self.initialise(
+            fd, vol_uuid, name, size, encrypted=encrypted, kms=kms, key=key, preallocate=preallocate,
+            origin=origin, progress=progress, fill=fill))
+
+    def initialise(self, fd: int, vol_uuid: str, name: str, size: int, *, encrypted: bool, kms: str = "local",
+                   key: str | None = None, preallocate: bool = False, origin: dict | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   fill: Callable[[Engine], None] | None = None) -> hdr.Header:
+        """Write a new image into the empty file ``fd``: its header (for an
+        encrypted one, a new DK wrapped by the CMK under the context of
+        ``vol_uuid`` and ``name``), then its contents.  Volumes are made by
+        :meth:`create`; `image copy` makes encrypted images with it."""
+        check_size(size)
         h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
                        data_offset=DEFAULT_DATA_OFFSET, origin=origin or {"type": "empty", "source": None})
         if preallocate:
             h.features = [f for f in h.features if f != hdr.ZERO_UNWRITTEN]
-
-        def build(fd: int) -> hdr.Header:
-            dk = None
-            try:
-                if encrypted:
-                    backend = self.backend(kms)
-                    h.encryption_context = encryption_context(vol_uuid, name)
-                    dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
-                                                                    h.encryption_context)
-                    h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
-                    h.seal(dk)
-                os.ftruncate(fd, h.data_offset + size)
-                hdr.store(fd, h)
-                if preallocate or fill:
-                    cipher = SectorCipher(dk) if dk else None
-                    try:
-                        eng = Engine(fd, size, h.data_offset, cipher or PLAINTEXT, zero_unwritten=h.zero_unwritten)
-                        if preallocate:
-                            fill_zeros(eng, 0, size, progress)
-                        if fill:
-                            fill(eng)
-                    finally:
-                        if cipher:
-                            cipher.close()
-            finally:
-                if dk:
-                    dk.wipe()
-            return h
-
-        return self._build(name, vol_uuid, owner, build)
+        dk = None
+        try:
+            if encrypted:
+                backend = self.backend(kms)
+                h.encryption_context = encryption_context(vol_uuid, name)
+                dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
+                                                                h.encryption_context)
+                h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
+                h.seal(dk)
+            os.ftruncate(fd, h.data_offset + size)
+            hdr.store(fd, h)
+            if preallocate or fill:
+                cipher = SectorCipher(dk) if dk else None
+                try:
+                    eng = Engine(fd, size, h.data_offset, cipher or PLAINTEXT, zero_unwritten=h.zero_unwritten)
+                    if preallocate:
+                        fill_zeros(eng, 0, size, progress)
+                    if fill:
+                        fill(eng)
+                finally:
+                    if cipher:
+                        cipher.close()
+        finally:
+            if dk:
+                dk.wipe()
+        return h
 
     def create_copy(self, name: str, write_image: Callable[[int], None], source: Entry, *, origin: dict,
                     size: int | None = None, owner: int | None = None) -> hdr.Header:
@@ -403,15 +413,15 @@ class VolumeStore:
         and record it in the catalog.
 
         Anything that stops the build (an error, Ctrl-C, SIGTERM turned into
-        KeyboardInterrupt by the CLI) removes the temporary file."""
+        KeyboardInterrupt by the CLI) removes the temporary file; a kill -9
+        leaves it, unlocked, for :func:`evscrypt.tempentry.collect`."""
         check_name(name)
         final = self.path(name)
         if final.exists():
             raise AlreadyExists(f"volume {name!r} already exists")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.dir / f".{name}.img.{vol_uuid[:8]}.tmp"
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            tmp, fd = tempentry.create(final)  # locked until fd is closed, after the link or the unlink
         except OSError as e:
             raise storage_error(e, f"cannot create volume {name!r}")
         try:
@@ -424,7 +434,10 @@ class VolumeStore:
                     os.link(tmp, final)  # unlike rename, refuses to replace a racing create
                 except FileExistsError:
                     raise AlreadyExists(f"volume {name!r} already exists")
-            os.unlink(tmp)
+            # the image is in place: its flock would now read as "attached"
+            tempentry.release(fd)
+            with contextlib.suppress(FileNotFoundError):  # a collector may take the spare name first
+                os.unlink(tmp)
             fsync_dir(self.dir)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -480,12 +493,17 @@ class VolumeStore:
             "header_copies_valid": list(op.loaded.valid),
         }
         if h.encrypted:
-            try:
-                ki = self.backend(h.kms_backend).describe(h.key_id)
-                d["key_state"], d["key_alias"] = ki.state.value, ki.alias
-            except EvscryptError as e:
-                d["key_state"] = f"Unknown ({e.message})"
+            d.update(self.key_status(h.kms_backend, h.key_id))
         return d
+
+    def key_status(self, kms: str, key_id: str) -> dict:
+        """The alias and state of a CMK, for info displays: never raises (a
+        KMS that does not answer makes the state "Unknown (why)")."""
+        try:
+            ki = self.backend(kms).describe(key_id)
+        except EvscryptError as e:
+            return {"key_alias": None, "key_state": f"Unknown ({e.message})"}
+        return {"key_alias": ki.alias, "key_state": ki.state.value}
 
     def grow(self, name: str, size: int) -> hdr.Header:
         """Grow a detached volume: extend the image, then store the header

@@ -103,8 +103,42 @@ def expect_fail(d, code: int, *args: str, match: str | None = None) -> str:
     return lines[0]
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default.  A suite started in the
+    background (`make test &`, CI) inherits SIGINT ignored, as shells do for
+    background jobs, and a CLI that ignores it would never see the Ctrl-C the
+    tests send it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_cli(d, *args: str) -> subprocess.Popen:
     from daemon_fixture import EVSCRYPT
 
     return subprocess.Popen([EVSCRYPT, *map(str, args)], env=d.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def open_fifo_writer(path: Path, proc: subprocess.Popen) -> int:
+    """Open the FIFO ``path`` for writing once ``proc`` has opened it for
+    reading: the event that says ``proc`` has got exactly that far.  Returns
+    a blocking fd.  Fails if ``proc`` ends first."""
+    import errno
+    import fcntl
+    import time
+
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        else:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return fd
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the command ended (exit {proc.returncode}) before it opened {path}: {err}")
+        time.sleep(0.002)

@@ -43,8 +43,10 @@ EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
 #: Which data path each flavour of install runs (see evscrypt/daemon/datapath.py).
 DATA_PATHS = {"patched": "threads", "stock": "trio"}
 FUSERMOUNT = shutil.which("fusermount3")
-READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 30.0
+#: Bounds that only catch a hang: a busy machine (other suites, fio) may
+#: take many seconds to start Python and mount FUSE, so they are generous.
+READY_TIMEOUT = 120.0
+STOP_TIMEOUT = 120.0
 #: Environment that must not leak from the caller into the daemon or the CLI.
 _SCRUB = ("EVSCRYPT_PASSPHRASE_FILE", "CREDENTIALS_DIRECTORY", "EVSCRYPT_DEBUG", "NOTIFY_SOCKET",
           "EVSCRYPT_HOME", "EVSCRYPT_RUNTIME_DIR")

@@ -125,3 +125,69 @@ def test_grants_decide_who_may_use_a_key(setup, user):
     assert p.returncode == 4  # no such grant
     # root still attaches it: root manages everything
     d.attach("gvol")
+
+
+def test_revoked_grant_is_part_of_the_detach_guard(setup, user):
+    """A volume attached through a grant: once the grant is revoked, its
+    owner could not attach it again, so detach, stop and status say so, and
+    --force warns with the same words."""
+    d, sock = setup
+    d.cli("key", "grant", "rootkey", "--to", USER)
+    d.cli("volume", "create", "gvol", "--size", "8M", "--key", "rootkey", "--owner", USER)
+    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    d.cli("key", "revoke", "rootkey", "--from", USER)
+
+    message = (f"the grant of key rootkey to {USER}, the owner of volume gvol, was revoked: once detached, gvol "
+               f"cannot be attached again until the key's owner grants it again "
+               f"(evscrypt key grant rootkey --to {USER})")
+    out = as_user(user, lambda: client.call(sock, "detach", name="gvol"))
+    assert out == {"error": "KeyStateError", "message": f"{message}; use --force to detach anyway"}, out
+    [v] = json.loads(d.cli("status", "--json").stdout)["volumes"]
+    assert (v["reattach"]["reason"], v["reattach"]["message"], v["reattach"]["summary"]) == (
+        "grant-revoked", message, "no (grant revoked)")
+    p = d.cli("stop", check=False)
+    assert p.returncode == 12 and f"[gvol] {message}" in p.stderr and d.alive
+    assert "gvol" in os.listdir(d.mountpoint)
+
+    out = as_user(user, lambda: client.call(sock, "detach", name="gvol", force=True)["warnings"])
+    assert out == {"ok": [message]}
+    out = as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    assert out == {"error": "PermissionDenied", "message": "the grant of key rootkey to you was revoked"}
+    # granted again: the guard is satisfied
+    d.cli("key", "grant", "rootkey", "--to", USER)
+    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    assert as_user(user, lambda: client.call(sock, "detach", name="gvol")["warnings"]) == {"ok": []}
+
+
+def test_owner_not_allowed_the_key_is_part_of_the_detach_guard(setup, user):
+    """root gives a volume to a user who may not use its key (a chown of
+    the image): root can attach it, but its owner could never attach it
+    again, and the guard says so."""
+    d, sock = setup
+    os.chown(d.image("rootvol"), user.pw_uid, -1)
+    d.attach("rootvol")
+    message = (f"{USER}, the owner of volume rootvol, is not allowed to use key rootkey: once detached, rootvol "
+               f"cannot be attached again until the key's owner grants it (evscrypt key grant rootkey --to {USER})")
+    p = d.cli("detach", "rootvol", check=False)
+    assert p.returncode == 12 and p.stderr == f"evscrypt: error: {message}; use --force to detach anyway\n"
+    p = d.cli("status")
+    assert "no (owner not allowed)" in p.stdout and f"rootvol: {message}" in p.stdout
+    r = json.loads(d.cli("detach", "rootvol", "--force", "--json").stdout)
+    assert r["warnings"] == [message] and r["reattach"]["reason"] == "owner-not-allowed"
+
+
+def test_only_root_stops_the_daemon(setup, user):
+    d, sock = setup
+    out = as_user(user, lambda: client.call(sock, "stop", force=True))
+    assert out == {"error": "PermissionDenied", "message": "only root can stop the daemon"}
+    assert d.alive and d.status()["volumes"] == []
+
+
+def test_default_key_takes_no_grants(setup, user):
+    d, _ = setup
+    default_id = json.loads(d.cli("key", "describe", "evs/default", "--json").stdout)["key_id"]
+    for ref in ("evs/default", "alias/evs/default", default_id):
+        p = d.cli("key", "grant", ref, "--to", USER, check=False)
+        assert p.returncode == 2, (ref, p.stderr)
+        assert p.stderr.startswith("evscrypt: usage error: evs/default is everyone's key: there is nothing to grant")
+    assert json.loads(d.cli("key", "list-grants", "evs/default", "--json").stdout) == []

@@ -158,8 +158,8 @@ def test_dump_key_refused_when_key_disabled(cli, tmp_path):
 
 def test_dump_key_of_unencrypted_volume(cli, tmp_path):
     cli.ok("volume", "create", "p", "--size", "1M", "--no-encrypt")
-    rc, _, err = cli("volume", "dump-key", "p", "--key-file", str(tmp_path / "k"))
-    assert rc != 0 and len(err.splitlines()) == 1 and "not encrypted" in err
+    cli.fails(errors.EncryptionRuleError, "volume", "dump-key", "p", "--key-file", str(tmp_path / "k"),
+              match="volume 'p' is not encrypted: it has no data key to dump")
     assert not (tmp_path / "k").exists()
 
 

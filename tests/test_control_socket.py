@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import socket
 import stat
 import threading
@@ -219,7 +220,7 @@ def test_clients_that_vanish(daemon):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(path)
         s.sendall(req("status"))
-        time.sleep(0.05)  # the answer is now queued on our side, unread
+        select.select([s], [], [])  # the answer is now queued on our side, unread
         s.close()
     assert_ok(raw(daemon, req("ping")))
     status_works(daemon)
@@ -230,31 +231,33 @@ def test_clients_that_vanish(daemon):
 def test_stalled_clients_do_not_block_others(daemon):
     daemon.cli("volume", "create", "v", "--size", "1M")
     stalled = []
+    t0 = time.monotonic()
     for i in range(20):
-        s = connect(daemon, timeout=READ_TIMEOUT + 10)
+        s = connect(daemon, timeout=READ_TIMEOUT + 120)  # the bound only catches a hang
         if i % 2:
             s.sendall(b'{"v": 1, "op": "sta')  # half a line, then nothing
         stalled.append(s)  # even ones: connected, sent nothing
-    t0 = time.monotonic()
     try:
-        # everyone else is served at once while the stalled clients wait
+        # everyone else is served while the stalled clients wait: a ping is
+        # answered while no stalled client has had its answer yet (had the
+        # daemon waited on them, they would have been answered first).  An
+        # event, not a time bound: how slowly the machine answers is no matter.
         for _ in range(10):
-            t = time.monotonic()
-            assert assert_ok(raw(daemon, req("ping")))["pid"] == daemon.pid
-            assert time.monotonic() - t < 2.0
+            assert assert_ok(raw(daemon, req("ping"), timeout=120))["pid"] == daemon.pid
+        pending = select.select(stalled, [], [], 0)[0]
+        if time.monotonic() - t0 < READ_TIMEOUT:  # else the timeouts may have fired: nothing to conclude
+            assert pending == [], "a stalled client was answered before the others were served"
         status_works(daemon)
         path = daemon.attach("v")
         assert path.exists()
         daemon.cli("detach", "v")
-        assert time.monotonic() - t0 < READ_TIMEOUT - 2, "test too slow to prove anything"
         # after its read timeout the daemon answers each stalled client with an
-        # error and hangs up
+        # error and hangs up, and not before
         for s in stalled:
             resp = read_response(s)
             assert_error(resp, "ProtocolError", "not received within")
             assert s.recv(1) == b""  # closed
-        waited = time.monotonic() - t0
-        assert READ_TIMEOUT - 1 <= waited <= READ_TIMEOUT + 8, waited
+        assert time.monotonic() - t0 >= READ_TIMEOUT - 1
     finally:
         for s in stalled:
             s.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 
 import pytest
 
@@ -96,9 +95,9 @@ def test_nonzero_runs_and_sparse_write(tmp_path):
 
 
 # -- snapshots of a detached volume ------------------------------------------------
-def test_snapshot_of_10g_sparse_volume_is_fast_and_small(home):
-    """The issue's requirement: 10 GiB sparse, 100 MiB written, on ext4: well
-    under a second and about 100 MiB (a generous check, not a benchmark)."""
+def test_snapshot_of_10g_sparse_volume_is_fast_and_small(home, monkeypatch):
+    """The issue's requirement: 10 GiB sparse, 100 MiB written, on ext4: fast
+    and about 100 MiB.  Fast is counted (bytes copied), not timed."""
     store = VolumeStore(home)
     store.create("big", 10 << 30)
     chunk = rand(10 * MiB, "ten")
@@ -108,10 +107,26 @@ def test_snapshot_of_10g_sparse_volume_is_fast_and_small(home):
     written = allocated(store.path("big"))
     assert 100 * MiB <= written <= 102 * MiB
     snaps = snapshots(home)
-    t0 = time.monotonic()
+    # what makes it fast, counted instead of timed (a busy machine may take
+    # any time): only the ~100 MiB of data extents are copied, not 10 GiB
+    # (or, where the filesystem has reflinks, nothing at all)
+    copied, reflinked = [], []
+    real_cfr, real_reflink = os.copy_file_range, cp._reflink
+
+    def counting_cfr(src, dst, count, *args):
+        n = real_cfr(src, dst, count, *args)
+        copied.append(n)
+        return n
+
+    def noting_reflink(*args):
+        reflinked.append(real_reflink(*args))
+        return reflinked[-1]
+
+    monkeypatch.setattr(os, "copy_file_range", counting_cfr)
+    monkeypatch.setattr(cp, "_reflink", noting_reflink)
     meta = snaps.create("s", store, "big", online=None)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 1.0, f"snapshot took {elapsed:.2f} s"
+    if not any(reflinked):
+        assert 100 * MiB <= sum(copied) <= written + MiB, sum(copied)
     taken = allocated(snaps.image_path("s"))
     assert 99 * MiB <= taken <= written + MiB, taken
     assert meta["size"] == 10 << 30 and meta["encrypted"] is True

@@ -79,7 +79,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+def wait_for(pred, timeout: float = 120.0, what: str = "condition"):
+    """Poll for an event the kernel brings about (a loop device freed); the
+    bound only catches a hang, with the margin a busy machine needs."""
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

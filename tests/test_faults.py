@@ -210,9 +210,7 @@ def test_sigkill_during_writes_keeps_acknowledged_records(daemon):
 
     w = Writer(path, nsectors, "sigkill")
     w.start()
-    deadline = time.monotonic() + 60
-    while w.acked < 5000 and w.is_alive():
-        assert time.monotonic() < deadline, f"writer too slow: {w.acked} records acknowledged"
+    while w.acked < 5000 and w.is_alive():  # an event; a hang is pytest-timeout's
         time.sleep(0.01)
     assert w.error is None, w.error
     # kill while a batch is in flight: somewhere among its writes or its fdatasync

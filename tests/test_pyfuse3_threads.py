@@ -61,7 +61,7 @@ ERRNOS = {
     "barrier": errno.ETIMEDOUT,
 }
 #: Bound on every wait for the daemon or for a request.
-TIMEOUT = 20.0
+TIMEOUT = 120.0  # bounds that only catch a hang, with a busy machine's margin
 #: The files whose read_sync/write_sync answer (see the daemon script).
 PATHS = ("direct", "future", "future-done", "async")
 NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
@@ -749,10 +749,8 @@ def test_futures_let_one_worker_serve_many_requests(start):
     n = 32
     fds = [open_fd(m, "slow-future") for _ in range(n)]
     try:
-        t0 = time.monotonic()
         results = run_threads(lambda fd, off: os.pread(fd, 1000, off),
                               [(fd, i * 1000) for i, fd in enumerate(fds)])
-        elapsed = time.monotonic() - t0
     finally:
         for fd in fds:
             os.close(fd)
@@ -760,8 +758,8 @@ def test_futures_let_one_worker_serve_many_requests(start):
     calls = m.entries("read_sync", "slow-future")
     assert sorted(c["off"] for c in calls) == [i * 1000 for i in range(n)]
     assert {c["thread"] for c in calls} == {"pyfuse3-worker-1"}
-    # One after the other this would take n * SLOW_FUTURE_DELAY = 9.6 s.
-    assert elapsed < n * SLOW_FUTURE_DELAY / 3, elapsed
+    # Overlapped: the daemon saw several of them in flight at once (not a
+    # wall-clock bound, which a busy machine could break).
     assert max(e["n"] for e in m.entries("inflight")) >= 4
 
 
@@ -775,9 +773,7 @@ def test_terminate_returns_and_close_unmounts(start):
     with open(m.path("direct"), "rb") as f:
         assert f.read(4096) == initial("direct")[:4096]
     assert len(m.entries("read_sync")) == 1
-    t0 = time.monotonic()
     assert m.terminate(timeout=TIMEOUT) == 0, m.err()
-    assert time.monotonic() - t0 < 5
     assert not is_mounted(m.dir)
     ops = [e["op"] for e in m.entries()]
     assert ops[-3:] == ["terminate", "main_threads_returned", "closed"], ops

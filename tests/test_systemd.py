@@ -41,6 +41,7 @@ def test_units_are_hardened_and_installed_with_the_binary(tmp_path):
         assert svc[key] == value, key
     assert "CAP_SYS_ADMIN" in svc["CapabilityBoundingSet"]  # FUSE and mount need it
     assert os.path.realpath(EVSCRYPT) in svc["ExecStart"]
+    assert svc["ExecStop"].split() == [os.path.realpath(EVSCRYPT), "stop"]  # the detach guard, not a bare SIGTERM
     attach = _unit(d / "evscrypt-attach@.service")
     assert "evscrypt.service" in attach["Unit"]["After"]
     assert attach["Service"]["ExecStart"].split()[1:3] == ["attach", "%I"]

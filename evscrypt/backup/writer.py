@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import Busy
-from ..fsutil import temp_name
+from .. import tempentry
 from ..image import header as hdr
 from ..image.copy import read_chunks
 from ..snapshots import Online, capture
@@ -80,16 +81,14 @@ def backup_volume(volumes: VolumeStore, name: str, store: BackupStore, online: O
             raise
     tmpdir = volumes.home / "snapshots"
     tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = temp_name(tmpdir / f"backup-{name}")
-    try:
-        h, _ = capture(volumes, name, tmp, online)
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    with tempentry.held(tmpdir / f"backup-{name}", directory=True, mode=0o700) as (tmp, _):
         try:
-            return write_backup(store, fd, h, name, progress, known)
+            image = tmp / "image"
+            h, _ = capture(volumes, name, image, online)
+            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return write_backup(store, fd, h, name, progress, known)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)

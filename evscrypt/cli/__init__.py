@@ -32,6 +32,8 @@ COMMANDS = {
     "daemon": ".daemon_cmds:daemon",
     "attach": ".daemon_cmds:attach",
     "detach": ".daemon_cmds:detach",
+    "stop": ".daemon_cmds:stop",
+    "gc": ".gc_cmd:gc",
     "status": ".daemon_cmds:status",
 }
 

@@ -54,7 +54,8 @@ def list_(env: Env, dest, as_json):
         try:
             m = reader.load_manifest(store, bid)
             items.append({"id": m.id, "volume": m.volume, "created": m.created, "size": m.size,
-                          "encrypted": m.encrypted, "chunks": len(m.chunks), "source": store.source(m.id)})
+                          "encrypted": m.encrypted, "kms": m.kms, "key_id": m.key_id, "chunks": len(m.chunks),
+                          "source": store.source(m.id)})
         except EvscryptError as e:  # one damaged manifest must not hide the others
             items.append({"id": bid, "error": e.message, "source": store.source(bid)})
     if as_json:

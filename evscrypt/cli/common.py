@@ -84,6 +84,18 @@ def table(rows: list[list], headers: list[str]) -> None:
 
 
 
+def encryption_wanted(encrypt: bool, no_encrypt: bool, kms: str | None, key: str | None) -> bool | None:
+    """--encrypt and --no-encrypt are two flags, not click's flag pair, whose
+    last word would silently win: contradictions are usage errors.  None:
+    neither was given."""
+    if encrypt and no_encrypt:
+        raise click.UsageError("--encrypt and --no-encrypt contradict each other")
+    if no_encrypt and (kms or key):
+        given = " and ".join(o for o, v in (("--kms", kms), ("--key", key)) if v)
+        raise click.UsageError(f"--no-encrypt contradicts {given}, which choose how to encrypt")
+    return True if encrypt else False if no_encrypt else None
+
+
 def progress_bar(length: int, label: str):
     """A progress bar on a terminal; silent elsewhere."""
     return click.progressbar(length=length, label=label, file=sys.stderr,

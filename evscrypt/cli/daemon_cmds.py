@@ -1,15 +1,16 @@
-"""`evscrypt daemon | attach | detach | status`: talk to the running daemon."""
+"""`evscrypt daemon | attach | detach | stop | status`: talk to the running daemon."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from .. import client, entry
-from ..errors import DaemonUnavailable
+from ..errors import DaemonUnavailable, EvscryptError
 from ..paths import socket_path
-from .common import Env, emit_json, human_size, pass_env, table
+from .common import Env, emit_json, human_size, pass_env, table, warn
 
 
 @click.command()
@@ -43,10 +44,47 @@ def attach(env: Env, name, mount_dir, mkfs):
 @click.command()
 @click.argument("name")
 @click.option("--force", is_flag=True, help="Detach even if open, in use, or its key can no longer attach it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_env
-def detach(env: Env, name, force):
+def detach(env: Env, name, force, as_json):
     """Detach volume NAME: unmount, flush, and wipe its key from memory."""
-    entry.detach(env.runtime, name, force)
+    entry.detach(env.runtime, name, force, as_json)
+
+
+@click.command()
+@click.option("--force", is_flag=True,
+              help="Stop even if some attached volume could not be attached again (one warning each).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_env
+def stop(env: Env, force, as_json):
+    """Detach every volume and stop the daemon; wait until it has exited.
+
+    Refused (exit 12) while an attached volume could not be attached again:
+    its CMK is Disabled, PendingDeletion or Deleted, or its owner may no
+    longer use the key.  The daemon then keeps running, I/O unaffected."""
+    sock = socket_path(env.runtime)
+    fd = None
+    try:
+        pid = client.daemon_pid(sock)
+        fd = client.pidfd(pid)
+        r = client.call(sock, "stop", force=force)
+    except EvscryptError as e:
+        if fd is not None:
+            os.close(fd)
+        if as_json:
+            emit_json({"stopped": False, "error": {"type": type(e).__name__, "message": e.message,
+                                                   "exit_code": e.exit_code},
+                       "blocked": (e.details or {}).get("blocked", [])})
+        raise
+    for w in r.get("warnings", []):
+        warn(w)
+    if not client.wait_exit(pid, fd):
+        raise DaemonUnavailable(f"the daemon (pid {pid}) detached everything but has not exited")
+    if as_json:
+        emit_json(r)
+        return
+    click.echo(f"stopped the daemon (pid {pid}); detached {len(r['detached'])} volume(s)"
+               + (f": {', '.join(r['detached'])}" if r["detached"] else ""))
 
 
 @click.command()
@@ -65,11 +103,21 @@ def status(env: Env, as_json):
         emit_json(r)
         return
     click.echo(f"daemon running (pid {r['pid']}), disks at {r['mountpoint']}")
-    rows = [[v["name"], human_size(v["size"]), v["state"], v["key_state"] or "-", v["open_handles"],
-             v["io"]["reads"], v["io"]["writes"], v["mount"]["mountpoint"] if v["mount"] else "-", v["path"]]
+    rows = [[v["name"], human_size(v["size"]), v["state"], v["key_state"] or "-", _reattach(v.get("reattach")),
+             v["open_handles"], v["io"]["reads"], v["io"]["writes"],
+             v["mount"]["mountpoint"] if v["mount"] else "-", v["path"]]
             for v in r["volumes"]]
     if rows:
-        table(rows, ["NAME", "SIZE", "STATE", "KEY STATE", "OPEN", "READS", "WRITES", "MOUNT", "PATH"])
+        table(rows, ["NAME", "SIZE", "STATE", "KEY STATE", "REATTACH", "OPEN", "READS", "WRITES", "MOUNT", "PATH"])
+        for v in r["volumes"]:
+            why = (v.get("reattach") or {}).get("message")
+            if why:
+                click.echo(f"{v['name']}: {why}")
     else:
         click.echo("no volumes attached")
 
+
+
+def _reattach(verdict: dict | None) -> str:
+    """The REATTACH column: "yes", "no (key Disabled)", or "?" (not checked yet)."""
+    return verdict["summary"] if verdict else "?"

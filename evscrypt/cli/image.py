@@ -7,8 +7,10 @@ from pathlib import Path
 
 import click
 
+from .. import clone
+from ..kms import BACKENDS
 from ..snapshots import images
-from .common import Env, human_size, long_operation, pass_env, progress_bar
+from .common import Env, encryption_wanted, human_size, long_operation, pass_env, progress_bar
 from .snapshot import show_copies, show_one, take_copy
 
 
@@ -29,6 +31,36 @@ def create(env: Env, name, volume):
                f"{'encrypted' if meta['encrypted'] else 'not encrypted'})")
 
 
+@image.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--encrypt", is_flag=True, help="Encrypt the copy of an unencrypted image, under a new data key.")
+@click.option("--no-encrypt", is_flag=True,
+              help="Keep the copy unencrypted (refused for an encrypted image, exit 25).")
+@click.option("--kms", type=click.Choice(BACKENDS), default=None,
+              help="KMS of the copy's CMK (default: the image's; local for an unencrypted image).")
+@click.option("--key", default=None,
+              help="CMK of the copy.  Another CMK than an encrypted image's re-encrypts the copy under a "
+                   "new data key.")
+@pass_env
+@long_operation
+def copy(env: Env, src, dst, encrypt, no_encrypt, kms, key):
+    """Replicate image SRC as DST, as the cloud replicates images.
+
+    An encrypted image stays encrypted: with its own data key and CMK, or,
+    given another --key/--kms, re-encrypted under a new data key and that
+    CMK.  An unencrypted image stays unencrypted, or with --encrypt (or
+    --key/--kms) becomes encrypted under a new data key; volumes made from
+    the copy are then encrypted.  Encrypted images never become unencrypted."""
+    want = clone.Want(encryption_wanted(encrypt, no_encrypt, kms, key), kms, key)
+    store = images(env.home)
+    meta = store.meta(src)
+    with progress_bar(meta.get("size", 0), f"copying image {src}") as bar:
+        new = clone.copy_image(env.store, store, src, dst, want, progress=bar.update)
+    how = "encrypted" if new["encrypted"] else "not encrypted"
+    click.echo(f"copied image {src} to {dst} ({human_size(new['size'])}, {how})")
+
+
 @image.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_env
@@ -43,7 +75,7 @@ def list_(env: Env, as_json):
 @pass_env
 def info(env: Env, name, as_json):
     """Show image NAME."""
-    show_one(images(env.home).info(name), as_json)
+    show_one(env, images(env.home).info(name), as_json)
 
 
 @image.command()

@@ -8,6 +8,7 @@ import click
 
 from ..errors import InvalidArgument
 from ..kms import BACKENDS
+from ..names import DEFAULT_ALIAS
 from ..kms.local import DEFAULT_DELETION_DAYS, MAX_DELETION_DAYS, MIN_DELETION_DAYS
 from .common import Env, emit_json, pass_env, resolve_owner, table, user_uid
 
@@ -156,7 +157,10 @@ def _user_name(uid: int) -> str:
 @pass_env
 def grant(env: Env, key_ref, user, kms):
     """Let USER use KEY for their volumes (the cloud's cross-account grant)."""
-    info = _lifecycle(env, kms).grant(key_ref, user_uid(user))
+    backend = _lifecycle(env, kms)
+    if backend.describe(key_ref).alias == DEFAULT_ALIAS:
+        raise click.UsageError(f"{DEFAULT_ALIAS} is everyone's key: there is nothing to grant")
+    info = backend.grant(key_ref, user_uid(user))
     click.echo(f"granted key {info.alias or info.key_id} to {user}")
 
 

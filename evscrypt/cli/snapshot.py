@@ -26,12 +26,18 @@ def show_copies(items: list[dict], as_json: bool, what: str) -> None:
     table(rows, ["NAME", "VOLUME", "SIZE", "ENCRYPTED", "ALLOCATED", "CREATED"])
 
 
-def show_one(d: dict, as_json: bool) -> None:
+def show_one(env: Env, d: dict, as_json: bool) -> None:
+    """`snapshot info` and `image info`, with the key's alias and state."""
+    d["key_alias"] = d["key_state"] = None
+    if d.get("encrypted"):
+        d.update(env.store.key_status(d["kms"], d["key_id"]))
     if as_json:
         emit_json(d)
         return
-    for k in ("name", "kind", "volume", "volume_uuid", "size", "encrypted", "kms", "key_id", "created",
-              "allocated", "path"):
+    for k in ("name", "kind", "volume", "volume_uuid", "copied_from", "size", "encrypted", "kms", "key_id",
+              "key_alias", "key_state", "created", "allocated", "path"):
+        if k == "copied_from" and k not in d:
+            continue
         v = d.get(k)
         if k in ("size", "allocated") and v is not None:
             v = f"{human_size(v)} ({v} bytes)"
@@ -78,7 +84,7 @@ def list_(env: Env, volume, as_json):
 @pass_env
 def info(env: Env, name, as_json):
     """Show snapshot NAME."""
-    show_one(snapshots(env.home).info(name), as_json)
+    show_one(env, snapshots(env.home).info(name), as_json)
 
 
 @snapshot.command()

@@ -15,7 +15,8 @@ from ..paths import socket_path
 from ..snapshots import images, snapshots
 from ..volumes import check_grow, cryptsetup_command
 from .common import (
-    Env, emit_json, human_size, long_operation, parse_size, pass_env, progress_bar, resolve_owner, table, warn,
+    Env, emit_json, encryption_wanted, human_size, long_operation, parse_size, pass_env, progress_bar, resolve_owner,
+    table, warn,
 )
 
 
@@ -29,9 +30,10 @@ def volume():
 @click.option("--size", default=None,
               help="Logical size, e.g. 20G or 512M (a multiple of 4 KiB).  With --from-*: optional, "
                    "and it may only grow the source's size.")
-@click.option("--encrypt/--no-encrypt", default=None,
-              help="Encrypt the volume (default: yes; with --from-*: as the source).  This can never change "
-                   "afterwards.")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt the volume (the default, except from an unencrypted source).  This can never "
+                   "change afterwards.")
+@click.option("--no-encrypt", is_flag=True, help="Do not encrypt the volume (with --from-*: only as the rules allow).")
 @click.option("--kms", type=click.Choice(BACKENDS), default=None,
               help="KMS backend (default: local; with --from-*: the source's).")
 @click.option("--key", default=None, help="CMK id, ARN or alias (default: evs/default; with --from-*: the source's).")
@@ -39,7 +41,8 @@ def volume():
 @click.option("--from-snapshot", metavar="SNAP", default=None,
               help="Clone snapshot SNAP: encrypted exactly when it is, with its key.")
 @click.option("--from-image", metavar="IMG", default=None,
-              help="Create from image IMG: an encrypted image gives an encrypted volume with its key.")
+              help="Create from image IMG: encrypted exactly when it is, with its key (for an encrypted volume "
+                   "from an unencrypted image, 'image copy --encrypt' it first).")
 @click.option("--from-backup", metavar="SRC", default=None,
               help="Restore backup SRC (DEST::ID, as 'backup list DEST' prints it); --encrypt/--no-encrypt and "
                    "--key may choose another encryption.")
@@ -47,12 +50,11 @@ def volume():
               help="Give the volume to USER, who may then attach and detach it (root only).")
 @pass_env
 @long_operation
-def create(env: Env, name, size, encrypt, kms, key, preallocate, from_snapshot, from_image, from_backup,
+def create(env: Env, name, size, encrypt, no_encrypt, kms, key, preallocate, from_snapshot, from_image, from_backup,
            owner_name):
     """Create volume NAME, empty or from a snapshot, an image or a backup."""
+    encrypt = encryption_wanted(encrypt, no_encrypt, kms, key)
     owner = resolve_owner(owner_name)
-    if encrypt is False and key:
-        raise click.UsageError("--key makes no sense with --no-encrypt")
     sources = [s for s in (from_snapshot, from_image, from_backup) if s is not None]
     if len(sources) > 1:
         raise click.UsageError("--from-snapshot, --from-image and --from-backup are mutually exclusive")

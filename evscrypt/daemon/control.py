@@ -38,6 +38,8 @@ class ControlServer:
         self.path = path
         self.group = group
         self._clients = trio.CapacityLimiter(MAX_CLIENTS)
+        #: set once a `stop` request has been answered: the daemon then exits
+        self.stop_requested = trio.Event()
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -81,6 +83,7 @@ class ControlServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with self._clients, stream:
+            op = None
             try:
                 _, uid, _ = peer_uid(stream.socket)
                 try:
@@ -99,6 +102,9 @@ class ControlServer:
                 await stream.send_all(self._encode(resp))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client went away
+            if op == "stop" and resp["ok"]:
+                # only now: exiting earlier would cancel this very answer
+                self.stop_requested.set()
 
     @staticmethod
     def _encode(resp: dict) -> bytes:
@@ -138,6 +144,8 @@ class ControlServer:
         if op == "snapshot":
             return await self.m.snapshot(arg("name", str, required=True), arg("dest", str, required=True), uid,
                                          uuid=arg("uuid", str))
+        if op == "stop":
+            return await self.m.stop(uid, force=bool(arg("force", bool, False)))
         if op == "resize":
             size = arg("size", int, required=True)
             if isinstance(size, bool):

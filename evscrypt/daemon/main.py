@@ -2,10 +2,16 @@
 
 Start: make the process non-dumpable, lock all its memory (or refuse to
 run: keys must not reach swap), refuse if another daemon answers on the
-socket, clean up a stale FUSE mount (and loops over it) left by a crash,
+socket, clean up a stale FUSE mount (and loops over it) left by a crash and
+the temporary entries that killed operations left in the state directory,
 mount, start the control socket, then tell systemd READY=1.
-Stop (SIGTERM/SIGINT): STOPPING=1, detach everything (flush, unmount, wipe
-keys), leave the FUSE loop and unmount.  Exit 0.
+Stop: `evscrypt stop` (the control op, which may refuse: see
+VolumeManager.stop) detaches everything and answers; SIGTERM/SIGINT cannot
+refuse, so the daemon first warns about each volume that could not be
+attached again, then detaches everything (flush, unmount, wipe keys).
+Either way: STOPPING=1, leave the FUSE loop and unmount.  Exit 0.  The
+signal receiver stays open until the end, so a second SIGTERM during the
+teardown is ignored instead of killing the daemon half-way.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .. import client
+from .. import client, tempentry
 from ..crypto import backend
 from ..errors import Busy, DaemonUnavailable, EvscryptError, MemoryProtectionError
 from ..paths import socket_path
@@ -64,6 +70,15 @@ def cleanup_stale(mountpoint: Path) -> None:
         raise Busy(f"{mountpoint} is still mounted and cannot be cleaned up")
 
 
+def collect_temporary(home: Path) -> None:
+    """What `evscrypt gc` does, at start: entries of operations still running are left alone."""
+    r = tempentry.collect(home)
+    for p in r.removed:
+        log.warning("removed %s, left by an interrupted operation", p)
+    for e in r.errors:
+        log.warning("cannot remove a temporary entry: %s", e)
+
+
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -76,13 +91,32 @@ async def _serve(manager: VolumeManager, control: ControlServer, fuse_main) -> N
         sd_notify("READY=1")
         log.info("ready: disks at %s, control socket %s", manager.disks, control.path)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            why = await _stop_reason(signals, control.stop_requested)
+            sd_notify("STOPPING=1")
+            if why is not None:
+                log.info("received %s: detaching everything", why)
+                await manager.detach_all(why)
+            pyfuse3.terminate()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_reason(signals, stop_requested: trio.Event) -> str | None:
+    """Wait for a stop signal (its name) or an answered `stop` request (None)."""
+    why: list[str] = []
+    async with trio.open_nursery() as n:
+        async def on_signal() -> None:
             async for sig in signals:
-                log.info("received %s: detaching everything", signal.Signals(sig).name)
+                why.append(signal.Signals(sig).name)
                 break
-        sd_notify("STOPPING=1")
-        await manager.detach_all()
-        pyfuse3.terminate()
-        nursery.cancel_scope.cancel()
+            n.cancel_scope.cancel()
+
+        async def on_request() -> None:
+            await stop_requested.wait()
+            n.cancel_scope.cancel()
+
+        n.start_soon(on_signal)
+        n.start_soon(on_request)
+    return why[0] if why else None
 
 
 #: The daemon option that runs it anyway when its memory cannot be locked.
@@ -122,6 +156,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     else:
         raise Busy(f"another evscrypt daemon is already serving {sock}")
     cleanup_stale(mountpoint)
+    collect_temporary(home)
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     manager = VolumeManager(VolumeStore(home), mountpoint)

@@ -40,6 +40,7 @@ from ..image.copy import sparse_copy
 from ..image.engine import Engine
 from ..kms.base import KeyState
 from ..names import check_name
+from ..reattach import Verdict, check as check_reattach
 from ..volumes import OpenVolume, VolumeStore, check_grow, grow_image
 from . import loopmount
 from .gate import WriteGate
@@ -80,6 +81,7 @@ class Attachment:
     mount: loopmount.MountInfo | None = None
     counters: Counters = field(default_factory=Counters)
     key_state: str | None = None
+    reattach: Verdict | None = None  # the last answer to "could it attach again?"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -162,6 +164,9 @@ class VolumeManager:
         self.zombies: dict[int, Attachment] = {}
         self._next_inode = 2  # 1 is the FUSE root
         self._name_locks: dict[str, trio.Lock] = {}
+        # set once the daemon is stopping (evscrypt stop, SIGTERM): attach is
+        # refused from then on, so nothing is attached behind the sweep
+        self.stopping = False
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         self.kms_limiter = trio.CapacityLimiter(4)
         # set by the FUSE layer: forget a directory entry / a file's cached
@@ -192,6 +197,8 @@ class VolumeManager:
 
     async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None) -> dict:
         check_name(name)
+        if self.stopping:
+            raise Busy("the daemon is stopping; attach after it has started again")
         if mount and uid != 0:
             # the daemon mounts as root: a user must not pick where
             raise PermissionDenied("only root can attach with --mount; use the disk file, or ask root")
@@ -200,6 +207,9 @@ class VolumeManager:
             fresh = a is None
             if fresh:
                 a = await trio.to_thread.run_sync(self._open, name, uid, limiter=self.kms_limiter)
+                if self.stopping:  # a stop began while the KMS answered: its sweep has not seen this one
+                    a.close()
+                    raise Busy("the daemon is stopping; attach after it has started again")
                 a.inode, self._next_inode = self._next_inode, self._next_inode + 1
                 self.by_name[name] = a
                 self.by_inode[a.inode] = a
@@ -222,23 +232,34 @@ class VolumeManager:
             return self.describe(a)
 
     # -- detach ----------------------------------------------------------------
-    async def _key_warning(self, a: Attachment) -> str | None:
-        """Why re-attaching after a detach would fail, or None."""
-        if not a.header.encrypted:
-            return None
+    async def _reattach(self, a: Attachment, abandon: bool = False) -> Verdict:
+        """Could ``a`` attach again after a detach?  Asks the KMS in a thread
+        and remembers the answer (and the key state) for status.  With
+        ``abandon``, a cancel (status's deadline) does not wait for a KMS
+        that does not answer: the thread finishes alone, its answer unused."""
         h = a.header
-        try:
-            info = await trio.to_thread.run_sync(
-                lambda: self.store.backend(h.kms_backend).check_usable(h.key_id), limiter=self.kms_limiter)
-        except (EvscryptError, OSError) as e:
-            a.key_state = "Unknown"
-            why = e.message if isinstance(e, EvscryptError) else (e.strerror or str(e))
-            return f"cannot check key state ({why}); volume {a.name} may not attach again"
-        a.key_state = info.state.value
-        if info.state is KeyState.ENABLED:
-            return None
-        return (f"key {info.alias or info.key_id} is {info.state.value}: once detached, volume {a.name} "
-                f"cannot be attached again until the key is enabled or its deletion is cancelled")
+        if not h.encrypted:
+            a.reattach = check_reattach(a.name, h, a.owner, None)  # no KMS: nothing to wait for
+            return a.reattach
+        backend = self.store.backend(h.kms_backend)
+        v = await trio.to_thread.run_sync(check_reattach, a.name, h, a.owner, backend, limiter=self.kms_limiter,
+                                          abandon_on_cancel=abandon)
+        a.reattach = v
+        a.key_state = v.state
+        return v
+
+    async def reattach_all(self, atts: list[Attachment]) -> list[Verdict]:
+        """:meth:`_reattach` for many volumes at once; the KMS calls run in
+        parallel (up to the KMS limiter), each bounded by its backend."""
+        out: dict[str, Verdict] = {}
+
+        async def one(a: Attachment) -> None:
+            out[a.name] = await self._reattach(a)
+
+        async with trio.open_nursery() as n:
+            for a in atts:
+                n.start_soon(one, a)
+        return [out[a.name] for a in atts]
 
     async def detach(self, name: str, uid: int, force: bool = False) -> dict:
         check_name(name)
@@ -250,11 +271,11 @@ class VolumeManager:
                 raise NotFound(f"volume {name!r} is not attached")
             self._check_owner(a.owner, uid, name)
             warnings = []
-            warning = await self._key_warning(a)
-            if warning:
+            verdict = await self._reattach(a)
+            if not verdict.ok:
                 if not force:
-                    raise KeyStateError(warning + "; use --force to detach anyway")
-                warnings.append(warning)
+                    raise KeyStateError(verdict.message + "; use --force to detach anyway")
+                warnings.append(verdict.message)
             if not force:
                 # refuse before undoing anything: a refused detach changes nothing
                 own_loop = a.mount.loop if a.mount else None
@@ -273,7 +294,7 @@ class VolumeManager:
                     raise Busy(f"volume {name!r} is still open ({a.opened} handle(s)); use --force")
                 warnings.append(f"{a.opened} open handle(s) on {name} will get EIO")
             await self._remove(a)
-            return {"name": name, "detached": True, "warnings": warnings}
+            return {"name": name, "detached": True, "warnings": warnings, "reattach": verdict.to_dict()}
 
     async def _wait_closed(self, a: Attachment, timeout: float) -> None:
         """The kernel releases a loop device's file asynchronously."""
@@ -301,12 +322,54 @@ class VolumeManager:
             a.close()
         log.info("detached %s; key wiped", a.name)
 
-    async def detach_all(self) -> None:
+    async def stop(self, uid: int, force: bool = False) -> dict:
+        """Detach everything, for `evscrypt stop`; the daemon exits after
+        answering.  Refused while any attached volume could not be attached
+        again, unless ``force``: then each such volume gets a warning."""
+        if uid != 0:
+            raise PermissionDenied("only root can stop the daemon")
+        if self.stopping:
+            raise Busy("the daemon is already stopping")
+        self.stopping = True  # no attach from here on: the check below covers everything attached
+        try:
+            atts = list(self.by_name.values())
+            blocked = [v for v in await self.reattach_all(atts) if not v.ok]
+            if blocked and not force:
+                raise KeyStateError(
+                    f"refusing to stop: {len(blocked)} attached volume(s) could not be attached again: "
+                    + "; ".join(f"[{v.volume}] {v.message}" for v in blocked)
+                    + "; fix the keys, detach the volumes, or use --force",
+                    details={"blocked": [v.to_dict() for v in blocked]})
+        except BaseException:
+            self.stopping = False
+            raise
+        for v in blocked:
+            log.warning("volume %s: %s; stopping anyway (evscrypt stop --force)", v.volume, v.message)
+        names = [a.name for a in atts]
+        await self._detach_each()
+        log.info("stopped on request: detached %d volume(s)", len(names))
+        return {"stopped": True, "pid": os.getpid(), "detached": names,
+                "warnings": [v.message for v in blocked], "blocked": [v.to_dict() for v in blocked]}
+
+    async def detach_all(self, why: str) -> None:
+        """Detach everything because the daemon must stop (``why``: SIGTERM,
+        SIGINT).  This cannot be refused, so first say, once per volume, what
+        it costs: the volumes that could not be attached again."""
+        self.stopping = True
+        for v in await self.reattach_all(list(self.by_name.values())):
+            if not v.ok:
+                log.warning("volume %s: %s; detaching it anyway: the daemon is stopping (%s)", v.volume,
+                            v.message, why)
+        await self._detach_each()
+
+    async def _detach_each(self) -> None:
         for name in list(self.by_name):
             a = self.by_name.get(name)
             if a is None:
                 continue
             async with self._lock(name):
+                if self.by_name.get(name) is not a:
+                    continue  # detached meanwhile (a stop request and a signal may overlap)
                 if a.mount:
                     try:
                         await trio.to_thread.run_sync(loopmount.teardown, a.mount, True)
@@ -419,6 +482,7 @@ class VolumeManager:
             "kms": a.header.kms_backend,
             "key_id": a.header.key_id,
             "key_state": a.key_state,
+            "reattach": a.reattach.to_dict() if a.reattach else None,
             "owner": a.owner,
             "open_handles": a.opened,
             "state": "failed" if a.failed else "ok",
@@ -437,7 +501,6 @@ class VolumeManager:
             with trio.move_on_after(STATUS_KMS_DEADLINE):
                 async with trio.open_nursery() as n:
                     for a in atts:
-                        if a.header.encrypted:
-                            n.start_soon(self._key_warning, a)
+                        n.start_soon(self._reattach, a, True)
         return {"pid": os.getpid(), "mountpoint": str(self.disks), **self.facts,
                 "volumes": [self.describe(a) for a in atts]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InvalidArgument
-from .base import KMSBackend, KeyInfo, KeyState
+from .base import Access, KMSBackend, KeyInfo, KeyState
 
 BACKENDS = ("local", "aws")
 
@@ -25,4 +25,4 @@ def open_backend(name: str, home: Path) -> KMSBackend:
     raise InvalidArgument(f"unknown KMS backend {name!r} (choose from {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "KMSBackend", "KeyInfo", "KeyState", "open_backend"]
+__all__ = ["Access", "BACKENDS", "KMSBackend", "KeyInfo", "KeyState", "open_backend"]

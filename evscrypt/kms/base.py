@@ -33,6 +33,15 @@ class KeyState(str, enum.Enum):
         return self.value
 
 
+class Access(str, enum.Enum):
+    """May a user use a CMK?  Why not matters to the user: a grant that was
+    revoked is asked for again from the key's owner."""
+
+    ALLOWED = "allowed"
+    GRANT_REVOKED = "grant-revoked"
+    NOT_ALLOWED = "not-allowed"
+
+
 @dataclass
 class KeyInfo:
     key_id: str
@@ -94,6 +103,12 @@ class KMSBackend(abc.ABC):
         """Refuse a non-root local user a CMK they may not use.  Backends whose
         access control lives in the provider (AWS IAM) allow it here."""
         return self.describe(key)
+
+    def access(self, key: str, uid: int) -> Access:
+        """Whether ``uid`` may use ``key`` now, and if not, whether a grant was
+        taken back.  Backends whose access control lives in the provider
+        (AWS IAM) cannot tell, and answer ALLOWED."""
+        return Access.ALLOWED
 
     @abc.abstractmethod
     def list_keys(self) -> list[KeyInfo]:

@@ -37,7 +37,7 @@ from ..errors import (
 from ..fsutil import write_atomic
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
 from ..secret import Secret, b64_decode, b64_encode
-from .base import KeyInfo, KeyState, KMSBackend
+from .base import Access, KeyInfo, KeyState, KMSBackend
 
 # Wrapped-DK blob: magic, format version, CMK id (16 bytes), GCM nonce, then
 # ciphertext+tag.  The blob names its CMK, so unwrap needs no lookup table.
@@ -500,21 +500,41 @@ class LocalKMS(KMSBackend):
         return self._change(key, fn)
 
     # -- access for non-root callers (the cloud's cross-account grants) ----------
+    @staticmethod
+    def _access(rec: dict, uid: int) -> Access:
+        """evs/default is the service's default key: everyone may use it.
+        Otherwise its owner and those it was granted to; a revoked grant is
+        remembered, so the refusal can say what to ask for."""
+        if uid == 0 or rec["alias"] == DEFAULT_ALIAS or rec.get("owner") == uid or uid in rec.get("grants", []):
+            return Access.ALLOWED
+        if any(r.get("uid") == uid for r in rec.get("revoked", [])):
+            return Access.GRANT_REVOKED
+        return Access.NOT_ALLOWED
+
+    def access(self, key: str, uid: int) -> Access:
+        with self._locked():
+            return self._access(self._find(self._load(), key), uid)
+
     def check_access(self, key: str, uid: int) -> KeyInfo:
-        """Refuse a non-root caller the use of a CMK they neither own nor were
-        granted.  evs/default is the service's default key: everyone may use it."""
+        """Refuse a non-root caller the use of a CMK they neither own nor were granted."""
         with self._locked():
             rec = self._find(self._load(), key)
         info = self._info(rec)
-        if uid == 0 or rec["alias"] == DEFAULT_ALIAS or rec.get("owner") == uid or uid in rec.get("grants", []):
+        how = self._access(rec, uid)
+        if how is Access.ALLOWED:
             return info
+        if how is Access.GRANT_REVOKED:
+            raise PermissionDenied(f"the grant of key {info.alias or info.key_id} to you was revoked")
         raise PermissionDenied(f"key {info.alias or info.key_id} is not yours and was not granted to you")
 
     def grant(self, key: str, uid: int) -> KeyInfo:
         def fn(rec):
+            if rec["alias"] == DEFAULT_ALIAS:
+                raise InvalidArgument(f"{DEFAULT_ALIAS} is everyone's key: it takes no grants")
             grants = rec.setdefault("grants", [])
             if uid not in grants:
                 grants.append(uid)
+            rec["revoked"] = [r for r in rec.get("revoked", []) if r.get("uid") != uid]
         return self._change(key, fn)
 
     def revoke(self, key: str, uid: int) -> KeyInfo:
@@ -523,6 +543,8 @@ class LocalKMS(KMSBackend):
             if uid not in grants:
                 raise NotFound(f"key {rec['alias'] or rec['key_id']} has no grant for uid {uid}")
             grants.remove(uid)
+            revoked = [r for r in rec.get("revoked", []) if r.get("uid") != uid]
+            rec["revoked"] = revoked + [{"uid": uid, "date": _iso(self.clock())}]
         return self._change(key, fn)
 
     def list_grants(self, key: str) -> list[int]:
