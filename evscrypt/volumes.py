@@ -545,6 +545,8 @@ class VolumeStore:
 
     def dump_key(self, name: str, key_file: Path) -> Path:
         """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""
+        if not self.header(name).encrypted:
+            raise EncryptionRuleError(f"volume {name!r} is not encrypted: it has no data key to dump")
         with self.data_key(name) as dk:
             try:
                 fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -118,7 +118,7 @@ def _dk(d, name: str) -> bytes:
     """A volume's DK, unwrapped in-process through its KMS."""
     from evscrypt.volumes import VolumeStore
 
-    with VolumeStore(d.home).unwrap(header_of(d.image(name))) as dk:
+    with VolumeStore(d.home).data_key(name) as dk:
         return bytes(dk.buffer)
 
 
