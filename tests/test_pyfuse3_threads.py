@@ -9,6 +9,7 @@ None (the request goes to the async read/write in the trio thread).  Every
 other request runs its async handler as a trio task.  terminate() makes
 main_threads() return, close() joins the workers and unmounts, and an
 exception other than FUSEError from an async handler ends main_threads().
+pyfuse3.request_counts() counts what the workers received, by opcode.
 
 Like test_pyfuse3_fallocate.py these tests mount a tiny in-memory pyfuse3
 filesystem in a subprocess and make real syscalls on the real mount.  Every
@@ -118,7 +119,8 @@ DAEMON = textwrap.dedent(
     #   slow-open     like direct, but its async open waits until a lookup of
     #                 "release" (30 s at most)
     # A lookup of "boom" raises Boom (not a FUSEError) in the async handler;
-    # a lookup of "release" releases the slow opens and answers ENOENT.
+    # a lookup of "release" releases the slow opens and answers ENOENT; a
+    # lookup of "counts" logs pyfuse3.request_counts() and answers ENOENT.
     NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
              "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open"]
 
@@ -312,6 +314,9 @@ DAEMON = textwrap.dedent(
                 raise Boom("lookup of boom")
             if name == "release":
                 self.release_event.set()
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if name == "counts":
+                record(op="counts", counts=pyfuse3.request_counts())
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if parent != pyfuse3.ROOT_INODE or name not in self.name_ino:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -940,3 +945,48 @@ def test_requests_answered_while_async_open_waits(start):
     assert len([e for e in between if e["op"] == "lookup" and e["name"] == "direct"]) >= 5
     assert [e["name"] for e in between if e["op"] == "lookup"][-1] == "release"
     assert any(e["op"] == "getattr" for e in between)
+
+
+# -- 7. request_counts -------------------------------------------------------------
+
+
+def counts(m: Mount) -> dict[int, int]:
+    """pyfuse3.request_counts() in the daemon, by way of a lookup of "counts"
+    (itself one LOOKUP, counted before the handler runs)."""
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path("counts"))
+    return {int(k): v for k, v in m.entries("counts")[-1]["counts"].items()}
+
+
+READ, WRITE, GETATTR, LOOKUP, INIT = 15, 16, 3, 1, 26  # linux/fuse.h
+
+
+def test_request_counts_count_every_request_by_opcode(mount):
+    """Each request the workers receive is counted once, by its opcode,
+    whoever answers it: a sync handler, an async one, or libfuse (INIT)."""
+    fd = open_fd(mount, "direct", os.O_RDWR)
+    async_fd = open_fd(mount, "async", os.O_RDWR)
+    try:
+        before = counts(mount)
+        for i in range(7):  # the file is direct_io: one READ/WRITE per call
+            assert os.pread(fd, 4096, i * 4096) == initial("direct")[i * 4096:(i + 1) * 4096]
+        for i in range(5):
+            assert os.pwrite(fd, b"w" * 100, i * 8192) == 100
+        assert os.pread(async_fd, 4096, 0) == initial("async")[:4096]  # the async read
+        for _ in range(3):
+            os.fstat(fd)  # attr_timeout is 0: a GETATTR each
+        after = counts(mount)
+    finally:
+        os.close(fd)
+        os.close(async_fd)
+    assert before.get(INIT) == 1
+    delta = {op: after.get(op, 0) - before.get(op, 0) for op in after}
+    assert delta[READ] == 8 and delta[WRITE] == 5, delta
+    # the handlers saw as many as were counted (a stray stat of the mount by
+    # another process would show on both sides)
+    log = mount.entries()
+    marks = [i for i, e in enumerate(log) if e["op"] == "counts"]
+    seen = [e["op"] for e in log[marks[-2] + 1:marks[-1] + 1]]
+    assert delta[GETATTR] == seen.count("getattr") >= 3, (delta, seen)
+    assert delta[LOOKUP] == seen.count("lookup") >= 1, (delta, seen)
+    assert seen.count("read_sync") == 8 and seen.count("read") == 1, seen

@@ -23,6 +23,7 @@ import trio
 from ..errors import EvscryptError, StorageError
 from ..crypto.xts import SECTOR_SIZE
 from .errno_map import errno_for
+from .fuse_opcodes import named
 from .manager import Attachment, VolumeManager
 
 log = logging.getLogger("evscrypt.fuse")
@@ -56,6 +57,7 @@ class Operations(pyfuse3.Operations):
         manager.invalidate = self._invalidate
         manager.invalidate_data = self._invalidate_data
         manager.invalidate_attr = self._invalidate_attr
+        manager.request_counts = lambda: named(pyfuse3.request_counts())
 
     def _invalidate(self, inode: int, name: str) -> None:
         try:
