@@ -469,9 +469,18 @@ class Bench:
 
     def setup_qemu_luks(self, st: SystemState) -> None:
         img, mnt = self.scratch / "qemu-luks.img", self.scratch / "qemu-luks.disk"
-        self.run(st, ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
-                      "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64",
-                      str(img), SIZE_ARG], timeout=120)
+        argv = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
+                "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64", str(img), SIZE_ARG]
+        for attempt in range(3):
+            try:
+                self.run(st, argv, timeout=120)
+                break
+            except RuntimeError as e:
+                # qemu-img times its PBKDF in the thread's CPU time, and on a
+                # busy machine sometimes measures none: try again
+                if "Unable to get accurate CPU usage" not in str(e) or attempt == 2:
+                    raise
+                log(f"  qemu-luks: {e}; trying again")
         self._qsd_common(st, [
             "qemu-storage-daemon",
             "--object", f"secret,id=sec0,data={PASSPHRASE}",
