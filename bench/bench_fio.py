@@ -21,8 +21,11 @@ Systems, all backed by files on the same (non-tmpfs) filesystem:
 Every disk is set up first and prefilled once with a sequential 1 MiB write;
 then each job runs on every system in turn (interleaved, so that a change in
 background load hits all systems alike), after a sync.  Jobs: 4k randread and
-randwrite at QD1/16/128, 1M read and write at QD1/32, and a 4k randread QD1
-latency job; libaio, direct=1, numjobs=1, time based.
+randwrite at QD1/16/128, 4k randrw with 70% reads (rwmixread=70) at
+QD1/16/128, 1M read and write at QD1/32, and a 4k randread QD1 latency job;
+libaio, direct=1, numjobs=1, time based.  A mixed job is reported as read +
+write IOPS (the throughput table and the ratios use the sum), with the p99
+latency of each side.
 
 Also measured on a fresh evscrypt daemon: attach latency (20 attach/detach
 cycles through the CLI and 20 through the control socket in-process) and the
@@ -35,7 +38,12 @@ Environment:
   BENCH_RUNTIME  seconds per job (default 4)      BENCH_RAMP  ramp seconds (default 1)
   BENCH_DIR      parent of the scratch directory (default /var/tmp; not tmpfs)
   BENCH_SYSTEMS  comma list of systems to run (default: all)
-  BENCH_JOBS     comma list of substrings selecting jobs (default: all)
+  BENCH_JOBS     comma list of substrings selecting jobs (default: all), e.g.
+                 BENCH_JOBS=4k-rand BENCH_SYSTEMS=qemu-luks,evscrypt for the
+                 4 KiB jobs of the two systems the targets compare
+  BENCH_ROUNDS   run the whole job list this many times, interleaved, and
+                 report each cell's median (default 1); the JSON keeps every
+                 round's figure, and the text shows the spread
   BENCH_KEEP=1   keep the scratch directory and logs
 Everything it mounts or starts is torn down at the end, on error and on Ctrl-C.
 """
@@ -84,8 +92,13 @@ def env_int(name: str, default: int, minimum: int) -> int:
 
 RUNTIME = env_int("BENCH_RUNTIME", 4, 1)
 RAMP = env_int("BENCH_RAMP", 1, 0)
+ROUNDS = env_int("BENCH_ROUNDS", 1, 1)
+#: The read share of the mixed jobs (fio rwmixread), as databases and VMs
+#: mix them; the rest are writes.
+RWMIXREAD = 70
 
-# (name, rw, bs, iodepth); 4k jobs are reported in IOPS, 1M jobs in MiB/s.
+# (name, rw, bs, iodepth); 4k jobs are reported in IOPS, 1M jobs in MiB/s;
+# "randrw" jobs read RWMIXREAD% of the time.
 JOBS = [
     ("4k-randread-qd1", "randread", "4k", 1),
     ("4k-randread-qd16", "randread", "4k", 16),
@@ -93,6 +106,9 @@ JOBS = [
     ("4k-randwrite-qd1", "randwrite", "4k", 1),
     ("4k-randwrite-qd16", "randwrite", "4k", 16),
     ("4k-randwrite-qd128", "randwrite", "4k", 128),
+    ("4k-randrw70-qd1", "randrw", "4k", 1),
+    ("4k-randrw70-qd16", "randrw", "4k", 16),
+    ("4k-randrw70-qd128", "randrw", "4k", 128),
     ("1m-read-qd1", "read", "1M", 1),
     ("1m-read-qd32", "read", "1M", 32),
     ("1m-write-qd1", "write", "1M", 1),
@@ -118,6 +134,10 @@ STOCK_EXE = Path(os.environ.get("BENCH_STOCK_EVSCRYPT", str(ROOT / ".venv-stock"
 
 def is_iops_job(job: str) -> bool:
     return "4k" in job.split("-")
+
+
+def is_mixed_job(job: str) -> bool:
+    return "-randrw" in job
 
 
 # -- small helpers -------------------------------------------------------------
@@ -455,9 +475,18 @@ class Bench:
 
     def setup_qemu_luks(self, st: SystemState) -> None:
         img, mnt = self.scratch / "qemu-luks.img", self.scratch / "qemu-luks.disk"
-        self.run(st, ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
-                      "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64",
-                      str(img), SIZE_ARG], timeout=120)
+        argv = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
+                "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64", str(img), SIZE_ARG]
+        for attempt in range(3):
+            try:
+                self.run(st, argv, timeout=120)
+                break
+            except RuntimeError as e:
+                # qemu-img times its PBKDF in the thread's CPU time, and on a
+                # busy machine sometimes measures none: try again
+                if "Unable to get accurate CPU usage" not in str(e) or attempt == 2:
+                    raise
+                log(f"  qemu-luks: {e}; trying again")
         self._qsd_common(st, [
             "qemu-storage-daemon",
             "--object", f"secret,id=sec0,data={PASSPHRASE}",
@@ -592,6 +621,8 @@ class Bench:
                 "--group_reporting", "--allow_file_create=0", "--norandommap", "--randrepeat=0",
                 "--percentile_list=50:90:99:99.9", "--lat_percentiles=1", "--clat_percentiles=1",
                 "--output-format=json"]
+        if rw == "randrw":
+            argv.append(f"--rwmixread={RWMIXREAD}")
         if time_based:
             argv += ["--time_based", f"--runtime={RUNTIME}", f"--ramp_time={RAMP}"]
         why = st.alive() if st.alive else None
@@ -608,26 +639,17 @@ class Bench:
         job = j["jobs"][0]
         if job.get("error"):
             raise RuntimeError(f"fio job error {job['error']}: {r.stderr.strip()[-400:]}")
-        d = job["write" if "write" in rw else "read"]
-        def us(kind, key):
-            v = d.get(kind, {}).get("percentile", {}).get(key)
-            return round(v / 1000, 1) if v else None
-        res = {
-            "iops": round(d["iops"], 1),
-            "mib_s": round(d["bw_bytes"] / MIB, 2),
-            # completion latency (io_submit -> completion), as fio's clat
-            "clat_p50_us": us("clat_ns", "50.000000"), "clat_p90_us": us("clat_ns", "90.000000"),
-            "clat_p99_us": us("clat_ns", "99.000000"), "clat_p99.9_us": us("clat_ns", "99.900000"),
-            # total latency (submission + completion); what the table shows, see render()
-            "lat_p50_us": us("lat_ns", "50.000000"), "lat_p90_us": us("lat_ns", "90.000000"),
-            "lat_p99_us": us("lat_ns", "99.000000"), "lat_p99.9_us": us("lat_ns", "99.900000"),
-            "clat_mean_us": round(d["clat_ns"]["mean"] / 1000, 1) if d.get("clat_ns") else None,
-            "slat_mean_us": round(d["slat_ns"]["mean"] / 1000, 1) if d.get("slat_ns") else None,
-            "io_mib": round(d["io_bytes"] / MIB, 1),
+        if rw == "randrw":  # both sides; throughput is their sum
+            res = {"read": fio_side(job["read"]), "write": fio_side(job["write"])}
+            res["iops"] = round(res["read"]["iops"] + res["write"]["iops"], 1)
+            res["mib_s"] = round(res["read"]["mib_s"] + res["write"]["mib_s"], 2)
+        else:
+            res = fio_side(job["write" if "write" in rw else "read"])
+        res.update({
             "fio_usr_cpu": job.get("usr_cpu"), "fio_sys_cpu": job.get("sys_cpu"),
             "elapsed_s": round(t1 - t0, 2),
             "loadavg": open("/proc/loadavg").read().split()[0],
-        }
+        })
         if cpu0 is not None and cpu1 is not None:
             res["server_cpu_pct"] = round(100 * (cpu1 - cpu0) / (t1 - t0), 1)
         why = st.alive() if st.alive else None
@@ -698,6 +720,42 @@ class Bench:
         return out
 
 
+def fio_side(d: dict) -> dict:
+    """Throughput and latency of one side (fio's "read" or "write") of a job."""
+    def us(kind, key):
+        v = d.get(kind, {}).get("percentile", {}).get(key)
+        return round(v / 1000, 1) if v else None
+    return {
+        "iops": round(d["iops"], 1),
+        "mib_s": round(d["bw_bytes"] / MIB, 2),
+        # completion latency (io_submit -> completion), as fio's clat
+        "clat_p50_us": us("clat_ns", "50.000000"), "clat_p90_us": us("clat_ns", "90.000000"),
+        "clat_p99_us": us("clat_ns", "99.000000"), "clat_p99.9_us": us("clat_ns", "99.900000"),
+        # total latency (submission + completion); what the table shows, see render()
+        "lat_p50_us": us("lat_ns", "50.000000"), "lat_p90_us": us("lat_ns", "90.000000"),
+        "lat_p99_us": us("lat_ns", "99.000000"), "lat_p99.9_us": us("lat_ns", "99.900000"),
+        "clat_mean_us": round(d["clat_ns"]["mean"] / 1000, 1) if d.get("clat_ns") else None,
+        "slat_mean_us": round(d["slat_ns"]["mean"] / 1000, 1) if d.get("slat_ns") else None,
+        "io_mib": round(d["io_bytes"] / MIB, 1),
+    }
+
+
+def median_round(job: str, rounds: list[dict]) -> dict:
+    """The round with the median throughput (the lower middle one of an even
+    count), so that its latencies belong to it; with every round's figure."""
+    ordered = sorted(rounds, key=lambda r: tp_value(job, r))
+    res = dict(ordered[(len(ordered) - 1) // 2])
+    if len(rounds) > 1:
+        res["rounds"] = [tp_value(job, r) for r in rounds]
+    return res
+
+
+def spread(r: dict) -> float | None:
+    """max/min - 1 of a cell's rounds."""
+    v = r.get("rounds")
+    return max(v) / min(v) - 1 if v and min(v) > 0 else None
+
+
 # -- report --------------------------------------------------------------------------
 
 def fmt_tp(job: str, r: dict | None) -> str:
@@ -728,6 +786,19 @@ def ratios(results: dict, systems: list[str]) -> dict:
                 continue
             pv = tp_value(job, row.get(peer))
             out[job][peer] = round(main / pv, 3) if main and pv else None
+    return out
+
+
+def mixed_vs_randwrite(results: dict, systems: list[str]) -> dict:
+    """Each system's mixed IOPS over its own randwrite IOPS at the same
+    queue depth, in the same run."""
+    out = {}
+    for job, row in results.items():
+        if not is_mixed_job(job):
+            continue
+        pure = results.get("4k-randwrite-qd" + job.rsplit("-qd", 1)[1], {})
+        out[job] = {s: round(row[s]["iops"] / pure[s]["iops"], 3) for s in systems
+                    if row.get(s) and pure.get(s) and pure[s]["iops"]}
     return out
 
 
@@ -765,6 +836,8 @@ def render(data: dict) -> str:
     lines.append(h)
     lines.append("-" * len(h))
     for job in results:
+        if is_mixed_job(job):
+            continue  # both sides: in the table below
         row = results[job]
         cells = []
         for s in systems:
@@ -775,6 +848,33 @@ def render(data: dict) -> str:
             cells = [f"{fmt_lat(row[s]['clat_p50_us'])}/{fmt_lat(row[s]['clat_p99_us'])}" if row.get(s) else "-"
                      for s in systems]
             lines.append(f"{'  clat only':<{JW}} " + "".join(f"{c:>{LW}}" for c in cells))
+    mixed = [j for j in results if is_mixed_job(j)]
+    if mixed:
+        MW = 15
+        lines.append("")
+        lines.append(" " * (JW + 1) + f"mixed jobs ({RWMIXREAD}% reads): IOPS read+write; p99 latency read/write, "
+                     "microseconds (fio lat); IOPS / the same system's randwrite IOPS at that depth")
+        h = f"{'job':<{JW}} " + "".join(f"{s:>{MW}}" for s in systems)
+        lines.append(h)
+        lines.append("-" * len(h))
+        mvr = data.get("mixed_vs_randwrite", {})
+        for job in mixed:
+            row = results[job]
+            cells = [f"{row[s]['read']['iops']:.0f}+{row[s]['write']['iops']:.0f}" if row.get(s) else "-"
+                     for s in systems]
+            lines.append(f"{job:<{JW}} " + "".join(f"{c:>{MW}}" for c in cells))
+            cells = [f"{fmt_lat(row[s]['read']['lat_p99_us'])}/{fmt_lat(row[s]['write']['lat_p99_us'])}"
+                     if row.get(s) else "-" for s in systems]
+            lines.append(f"{'  p99 r/w':<{JW}} " + "".join(f"{c:>{MW}}" for c in cells))
+            cells = [f"{mvr[job][s]:.2f}" if mvr.get(job, {}).get(s) else "-" for s in systems]
+            lines.append(f"{'  / randwrite':<{JW}} " + "".join(f"{c:>{MW}}" for c in cells))
+    if data["config"].get("rounds", 1) > 1:
+        sp = sorted(x for row in results.values() for r in row.values() if (x := spread(r)) is not None)
+        if sp:
+            lines.append("")
+            lines.append(f"{data['config']['rounds']} rounds, interleaved; each cell is the round with the median "
+                         f"throughput. Spread of a cell's rounds (max/min - 1): median {100 * statistics.median(sp):.0f}%, "
+                         f"largest {100 * sp[-1]:.0f}%.")
     errs = {s: e for s, e in data["errors"].items() if e}
     m = data.get("evscrypt_control")
     if m and "error" not in m:
@@ -893,13 +993,14 @@ def main() -> int:
     b = Bench()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     t_start = time.monotonic()
-    est = len(systems) * len(jobs) * (RUNTIME + RAMP + 0.8) + 40
-    log(f"bench: {len(systems)} systems x {len(jobs)} jobs, {RUNTIME} s + {RAMP} s ramp each; "
+    est = ROUNDS * len(systems) * len(jobs) * (RUNTIME + RAMP + 0.8) + 40
+    log(f"bench: {len(systems)} systems x {len(jobs)} jobs x {ROUNDS} round(s), {RUNTIME} s + {RAMP} s ramp each; "
         f"about {est / 60:.0f} min. Scratch {b.scratch}, runtime {b.runtime}")
     data: dict = {
         "timestamp": stamp,
         "config": {"size": SIZE_ARG, "runtime_s": RUNTIME, "ramp_s": RAMP, "ioengine": "libaio", "direct": 1,
-                   "numjobs": 1, "jobs": [{"name": n, "rw": rw, "bs": bs, "iodepth": qd} for n, rw, bs, qd in jobs],
+                   "numjobs": 1, "rounds": ROUNDS, "rwmixread": RWMIXREAD,
+                   "jobs": [{"name": n, "rw": rw, "bs": bs, "iodepth": qd} for n, rw, bs, qd in jobs],
                    "order": "each job runs on every system in turn (interleaved), after os.sync()"},
         "systems_run": systems,
     }
@@ -948,25 +1049,32 @@ def main() -> int:
                 log(f"  {name}: SETUP FAILED: {e}")
 
         live = [s for s in systems if b.systems[s].error is None]
-        for name, rw, bs, qd in jobs:
-            parts = []
-            for s in live:
-                st = b.systems[s]
-                if st.error:
-                    continue
-                try:
-                    r = b.fio(st, name, rw, bs, qd)
-                    results[name][s] = r
-                    parts.append(f"{s} {fmt_tp(name, r)}")
-                except Exception as e:
-                    job_errors.setdefault(name, {})[s] = {"error": f"{type(e).__name__}: {e}"}
-                    parts.append(f"{s} ERROR")
-                    log(f"  {s} / {name}: {e}")
-                    why = st.alive() if st.alive else None
-                    if why:
-                        st.error = f"died during {name}: {why}"
-            unit = "IOPS" if is_iops_job(name) else "MiB/s"
-            log(f"  {name:<20} {unit:<5} " + ", ".join(parts))
+        samples: dict = {j[0]: {} for j in jobs}  # job -> system -> one result per round
+        for rnd in range(ROUNDS):
+            if ROUNDS > 1:
+                log(f"bench: round {rnd + 1} of {ROUNDS}")
+            for name, rw, bs, qd in jobs:
+                parts = []
+                for s in live:
+                    st = b.systems[s]
+                    if st.error:
+                        continue
+                    try:
+                        r = b.fio(st, name, rw, bs, qd)
+                        samples[name].setdefault(s, []).append(r)
+                        parts.append(f"{s} {fmt_tp(name, r)}")
+                    except Exception as e:
+                        job_errors.setdefault(name, {})[s] = {"error": f"{type(e).__name__}: {e}"}
+                        parts.append(f"{s} ERROR")
+                        log(f"  {s} / {name}: {e}")
+                        why = st.alive() if st.alive else None
+                        if why:
+                            st.error = f"died during {name}: {why}"
+                unit = "IOPS" if is_iops_job(name) else "MiB/s"
+                log(f"  {name:<20} {unit:<5} " + ", ".join(parts))
+        for name, row in samples.items():
+            for s, rounds in row.items():
+                results[name][s] = median_round(name, rounds)
 
         m = data.get("evscrypt_control")
         if b.evs_pid and m is not None and "error" not in m and b.evs_daemon.poll() is None:
@@ -986,6 +1094,7 @@ def main() -> int:
     data["results"] = results
     data["job_errors"] = job_errors
     data["ratios"] = ratios(results, systems)
+    data["mixed_vs_randwrite"] = mixed_vs_randwrite(results, systems)
     data["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     data["wall_s"] = round(time.monotonic() - t_start, 1)
 

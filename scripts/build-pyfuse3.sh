@@ -6,8 +6,9 @@
 #   Operations.fallocate(fh, mode, offset, length).  Without it, fallocate(2)
 #   on a pyfuse3 mount fails with EOPNOTSUPP and never reaches Python.
 # - patches/pyfuse3-3.5.0-threads.patch adds pyfuse3.main_threads(): worker
-#   threads that receive requests and answer reads and writes synchronously,
-#   in parallel (the daemon's data path; see the patch header).
+#   threads that receive requests and answer those of the data path (read,
+#   write, getattr, fsync, flush) synchronously, in parallel, and count them
+#   (the daemon's data path; see the patch header).
 #
 # Idempotent: if VENV already has a pyfuse3 with both, exit 0 at once.
 # Otherwise download the pyfuse3 3.5.0 sdist (sha256 checked), apply the

@@ -36,16 +36,28 @@ disk=$($EVS attach demo)
 echo "$disk"
 ls -l "$disk"
 
-step "fio: 4k random write+verify (libaio QD16), then 1M sequential read, on $disk"
+# The FUSE requests the daemon has received, by opcode (status --json, as root).
+requests() { $EVS status --json >"$EVSCRYPT_RUNTIME_DIR/$1.json"; }
+
+step "fio on $disk: 4k random write+verify (libaio QD16); 4k random read+write, 70% reads (QD16); 1M sequential read (QD8)"
 fio --name=randwrite-verify --filename="$disk" --direct=1 --ioengine=libaio --iodepth=16 \
     --rw=randwrite --bs=4k --size=64M --verify=crc32c --do_verify=1 --verify_state_save=0 --output-format=terse \
     --terse-version=3 >/dev/null
-fio --name=rand4k --filename="$disk" --direct=1 --ioengine=libaio --iodepth=16 --rw=randrw \
+requests before
+fio --name=rand4k --filename="$disk" --direct=1 --ioengine=libaio --iodepth=16 --rw=randrw --rwmixread=70 \
     --bs=4k --size=256M --runtime=5 --time_based --group_reporting --minimal >"$EVSCRYPT_RUNTIME_DIR/r1"
+requests after
 fio --name=seq1m --filename="$disk" --direct=1 --ioengine=libaio --iodepth=8 --rw=read \
     --bs=1M --size=256M --runtime=5 --time_based --group_reporting --minimal >"$EVSCRYPT_RUNTIME_DIR/r2"
 awk -F';' '{printf "  %-8s read %8.1f MiB/s %8d IOPS   write %8.1f MiB/s %8d IOPS\n", $3, $7/1024, $8, $48/1024, $49}' \
     "$EVSCRYPT_RUNTIME_DIR/r1" "$EVSCRYPT_RUNTIME_DIR/r2"
+"$PWD/.venv/bin/python" - "$EVSCRYPT_RUNTIME_DIR/before.json" "$EVSCRYPT_RUNTIME_DIR/after.json" <<'EOF'
+import json, sys
+before, after = (json.load(open(p)).get("fuse_requests") for p in sys.argv[1:])
+if after is not None:  # root only
+    n = {op: after.get(op, 0) - before.get(op, 0) for op in ("READ", "WRITE", "GETATTR")}
+    print("  rand4k   the daemon received %(READ)d READ, %(WRITE)d WRITE and %(GETATTR)d GETATTR requests" % n)
+EOF
 echo "  verify: crc32c over 64 MiB of random 4k writes passed"
 
 step "evscrypt status"

@@ -62,6 +62,9 @@ def test_socket_is_group_restricted(setup, user):
     assert st.st_mode & 0o777 == 0o660 and st.st_gid == grp.getgrnam(GROUP).gr_gid
     # in the group: answered; the reply lists only the caller's volumes
     assert as_user(user, lambda: client.call(sock, "status")["volumes"]) == {"ok": []}
+    # the FUSE request counts cover every user's volumes: root's alone
+    assert as_user(user, lambda: "fuse_requests" in client.call(sock, "status")) == {"ok": False}
+    assert client.call(sock, "status")["fuse_requests"]["INIT"] == 1
     # not in the group: the kernel refuses the connection
     out = as_user(pwd.getpwnam("nobody"), lambda: client.call(sock, "status"))
     assert out["error"] == "DaemonUnavailable" and "permission denied" in out["message"]

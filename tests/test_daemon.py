@@ -671,7 +671,7 @@ def test_force_detach_read_gives_eio(daemon):
         with pytest.raises(OSError) as e:
             os.pwrite(fd, b"x", 0)
         assert e.value.errno == errno.EIO
-        time.sleep(1.2)  # past ATTR_TIMEOUT: the kernel must ask the daemon (getattr) before reading
+        time.sleep(1.2)  # past ATTR_TIMEOUT: whatever the kernel asks first (getattr), the read fails
         with pytest.raises(OSError) as e:
             os.pread(fd, 4096, 64 * 1024)
         assert e.value.errno == errno.EIO, errno.errorcode.get(e.value.errno)

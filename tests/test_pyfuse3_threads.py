@@ -1,14 +1,17 @@
-"""pyfuse3.main_threads(): worker threads, read_sync/write_sync, lifecycle.
+"""pyfuse3.main_threads(): worker threads, the sync handlers, lifecycle.
 
 patches/pyfuse3-3.5.0-threads.patch (installed by scripts/build-pyfuse3.sh)
 adds pyfuse3.main_threads(threads=1): worker threads receive the FUSE
-requests; READ and WRITE are answered right in the worker by the operations'
-read_sync(fh, off, size) / write_sync(fh, off, buf), which may return the
-result, a concurrent.futures.Future of it (the completing thread replies), or
-None (the request goes to the async read/write in the trio thread).  Every
-other request runs its async handler as a trio task.  terminate() makes
-main_threads() return, close() joins the workers and unmounts, and an
-exception other than FUSEError from an async handler ends main_threads().
+requests; READ, WRITE, GETATTR, FSYNC and FLUSH are answered right in the
+worker by the operations' read_sync(fh, off, size), write_sync(fh, off, buf),
+getattr_sync(inode), fsync_sync(fh, datasync) and flush_sync(fh), which may
+return the result, a concurrent.futures.Future of it (the completing thread
+replies), or None (the request goes to the async handler in the trio
+thread).  Every other request runs its async handler as a trio task.
+terminate() makes main_threads() return, close() joins the workers and
+unmounts, and an exception other than FUSEError from an async handler ends
+main_threads().  pyfuse3.request_counts() counts what the workers received,
+by opcode.
 
 Like test_pyfuse3_fallocate.py these tests mount a tiny in-memory pyfuse3
 filesystem in a subprocess and make real syscalls on the real mount.  Every
@@ -59,13 +62,24 @@ ERRNOS = {
     "read_future": errno.ENOLINK,
     "write_future": errno.EROFS,
     "barrier": errno.ETIMEDOUT,
+    "getattr_sync": errno.ENOMSG,
+    "getattr_future": errno.EBADMSG,
+    "fsync_sync": errno.ENOLCK,
+    "fsync_future": errno.ENOSR,
+    "flush_sync": errno.ENOTUNIQ,
+    "flush_future": errno.EREMCHG,
 }
+#: The st_mtime_ns of the attributes that getattr_sync gives (the async
+#: getattr and lookup give the time of day), so a caller's fstat shows whose
+#: answer it got.
+SYNC_MTIME_NS = 1_234_567_890_123_456_789
 #: Bound on every wait for the daemon or for a request.
 TIMEOUT = 120.0  # bounds that only catch a hang, with a busy machine's margin
 #: The files whose read_sync/write_sync answer (see the daemon script).
 PATHS = ("direct", "future", "future-done", "async")
 NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
-         "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open"]
+         "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open",
+             "flush-error", "flush-crash"]
 
 
 def initial(name: str, size: int = SIZE) -> bytes:
@@ -82,6 +96,7 @@ DAEMON = textwrap.dedent(
     mountpoint, log_path, config = sys.argv[1:4]
     config = json.loads(config)
     SIZE, ACCEPT, ERRNOS = config["size"], config["accept"], config["errnos"]
+    SYNC_MTIME_NS = config["sync_mtime_ns"]
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
                         format="%(threadName)s %(levelname)s %(name)s: %(message)s")
     log = open(log_path, "a", buffering=1)
@@ -117,10 +132,21 @@ DAEMON = textwrap.dedent(
     #   slow-future   (read) return a Future completed slow_future_delay later
     #   slow-open     like direct, but its async open waits until a lookup of
     #                 "release" (30 s at most)
+    # getattr_sync and fsync_sync answer "direct", "future", "future-done",
+    # "async" (None), "error", "future-error", "crash" and "future-crash" the
+    # same way, and getattr_sync "badret" and "future-badret" too; any other
+    # file, and the root, go to the async handler (None).  The failing ones
+    # fail getattr only once the file is open (open() itself asks for the
+    # attributes first, to check permissions).  flush_sync, which
+    # every close() calls, answers "direct", "future", "future-done" and
+    # "async" so, "flush-error" like "future-error" and "flush-crash" like
+    # "crash", and leaves every other file to the async flush.
     # A lookup of "boom" raises Boom (not a FUSEError) in the async handler;
-    # a lookup of "release" releases the slow opens and answers ENOENT.
+    # a lookup of "release" releases the slow opens and answers ENOENT; a
+    # lookup of "counts" logs pyfuse3.request_counts() and answers ENOENT.
     NAMES = ["direct", "future", "future-done", "async", "error", "future-error",
-             "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open"]
+             "crash", "future-crash", "badret", "future-badret", "barrier", "slow-future", "slow-open",
+             "flush-error", "flush-crash"]
 
     class Boom(Exception):
         pass
@@ -268,6 +294,54 @@ DAEMON = textwrap.dedent(
                 return "not a count"
             raise pyfuse3.FUSEError(errno.EPERM)
 
+        def _answer(self, kind, name, produce):
+            # getattr_sync, fsync_sync and flush_sync: the same outcomes by file
+            if kind == "flush":
+                name = {"flush-error": "future-error", "flush-crash": "crash"}.get(
+                    name, name if name in ("direct", "future", "future-done") else "async")
+            def failing(exc):
+                def raise_():
+                    raise exc
+                return raise_
+            if name in ("direct", "future", "future-done"):
+                pass
+            elif name in ("error", "future-error"):
+                produce = failing(pyfuse3.FUSEError(ERRNOS[kind + ("_sync" if name == "error" else "_future")]))
+            elif name in ("crash", "future-crash"):
+                produce = failing(RuntimeError(f"{kind} {name}"))
+            elif name in ("badret", "future-badret") and kind == "getattr":
+                produce = lambda: "not attributes"
+            else:
+                return None  # "async", the root, any other file
+            if name.startswith("future-done"):
+                fut = TracedFuture(kind, name, 0)
+                fut.set_result(produce())
+                return fut
+            if name.startswith("future"):
+                return late(TracedFuture(kind, name, 0), produce)
+            return produce()
+
+        def getattr_sync(self, ino):
+            name = self.ino_name.get(ino, "/")
+            record(op="getattr_sync", name=name)
+            if name not in self.fh_name.values() and name not in ("future", "future-done", "async"):
+                name = "direct" if name in self.data else name  # not open yet: answer
+            def attr():
+                a = self._attr(ino)
+                a.st_mtime_ns = SYNC_MTIME_NS
+                return a
+            return self._answer("getattr", name, attr)
+
+        def fsync_sync(self, fh, datasync):
+            name = self.fh_name[fh]
+            record(op="fsync_sync", name=name, datasync=datasync)
+            return self._answer("fsync", name, lambda: True)
+
+        def flush_sync(self, fh):
+            name = self.fh_name[fh]
+            record(op="flush_sync", name=name)
+            return self._answer("flush", name, lambda: True)
+
         # -- async handlers (trio thread) -------------------------------------
 
         async def read(self, fh, off, size):
@@ -313,6 +387,9 @@ DAEMON = textwrap.dedent(
             if name == "release":
                 self.release_event.set()
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if name == "counts":
+                record(op="counts", counts=pyfuse3.request_counts())
+                raise pyfuse3.FUSEError(errno.ENOENT)
             if parent != pyfuse3.ROOT_INODE or name not in self.name_ino:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._attr(self.name_ino[name])
@@ -344,7 +421,10 @@ DAEMON = textwrap.dedent(
             return pyfuse3.FileInfo(fh=self.next_fh, direct_io=True)
 
         async def flush(self, fh):
-            pass
+            record(op="flush", name=self.fh_name[fh])
+
+        async def fsync(self, fh, datasync):
+            record(op="fsync", name=self.fh_name[fh], datasync=datasync)
 
         async def release(self, fh):
             pass
@@ -407,7 +487,7 @@ class Mount:
         self.stderr = tmp_path / f"daemon-{label}.err"
         script = tmp_path / "threads_daemon.py"
         script.write_text(DAEMON)
-        config = dict(threads=threads, size=SIZE, accept=ACCEPT, errnos=ERRNOS,
+        config = dict(threads=threads, size=SIZE, accept=ACCEPT, errnos=ERRNOS, sync_mtime_ns=SYNC_MTIME_NS,
                       barrier_timeout=barrier_timeout, future_delay=FUTURE_DELAY,
                       slow_future_delay=SLOW_FUTURE_DELAY)
         with open(self.stderr, "w") as err:
@@ -936,3 +1016,133 @@ def test_requests_answered_while_async_open_waits(start):
     assert len([e for e in between if e["op"] == "lookup" and e["name"] == "direct"]) >= 5
     assert [e["name"] for e in between if e["op"] == "lookup"][-1] == "release"
     assert any(e["op"] == "getattr" for e in between)
+
+
+# -- 7. getattr_sync, fsync_sync, flush_sync ---------------------------------------
+
+
+def test_getattr_sync_paths(mount):
+    """fstat (attr_timeout is 0: one GETATTR each) gets the attributes that
+    getattr_sync gave, directly or through a Future, from a worker thread;
+    None goes to the async getattr; errors reach the caller as for reads."""
+    outcome = {}
+    for name in ("direct", "future", "future-done", "async", "error", "future-error", "crash",
+                 "future-crash", "badret", "future-badret"):
+        fd = open_fd(mount, name)
+        try:
+            try:
+                st = os.fstat(fd)
+                outcome[name] = (st.st_size, st.st_mtime_ns == SYNC_MTIME_NS)
+            except OSError as e:
+                outcome[name] = e.errno
+        finally:
+            os.close(fd)
+    assert outcome == {
+        "direct": (SIZE, True), "future": (SIZE, True), "future-done": (SIZE, True),
+        "async": (SIZE, False),
+        "error": ERRNOS["getattr_sync"], "future-error": ERRNOS["getattr_future"],
+        "crash": errno.EIO, "future-crash": errno.EIO, "badret": errno.EIO, "future-badret": errno.EIO,
+    }
+    calls = mount.entries("getattr_sync")
+    assert {c["name"] for c in calls} >= set(outcome), calls
+    assert all(is_worker(c["thread"]) and not c["trio"] for c in calls), calls
+    # only the declined request reached the async getattr (and the root's, if any)
+    assert {g["name"] for g in mount.entries("getattr")} <= {"async", "/"}
+    # (two: open() asks first, to check permissions)
+    assert [g["thread"] for g in mount.entries("getattr", "async")] == ["MainThread"] * 2
+    callbacks = mount.entries("getattr_add_done_callback", "future")
+    assert callbacks and all(c["pending"] and is_worker(c["thread"]) for c in callbacks), callbacks
+    err = mount.err()
+    assert "getattr_sync failed" in err and "RuntimeError: getattr crash" in err, err
+    assert "RuntimeError: getattr future-crash" in err, err
+
+
+def test_fsync_sync_paths(mount):
+    """fsync and fdatasync reach fsync_sync in a worker thread (with the
+    datasync flag); a Future delays the reply until it completes; None goes
+    to the async fsync; errors reach the caller."""
+    outcome = {}
+    for name in ("direct", "future", "future-done", "async", "error", "future-error", "crash",
+                 "future-crash"):
+        fd = open_fd(mount, name, os.O_RDWR)
+        try:
+            outcome[name] = (errno_of(lambda: os.fsync(fd)), errno_of(lambda: os.fdatasync(fd)))
+        finally:
+            os.close(fd)
+    assert outcome == {
+        "direct": (None, None), "future": (None, None), "future-done": (None, None), "async": (None, None),
+        "error": (ERRNOS["fsync_sync"],) * 2, "future-error": (ERRNOS["fsync_future"],) * 2,
+        "crash": (errno.EIO, errno.EIO), "future-crash": (errno.EIO, errno.EIO),
+    }
+    for name in outcome:
+        calls = mount.entries("fsync_sync", name)
+        assert [c["datasync"] for c in calls] == [False, True], (name, calls)
+        assert all(is_worker(c["thread"]) and not c["trio"] for c in calls), calls
+    assert [(f["name"], f["datasync"], f["thread"]) for f in mount.entries("fsync")] == [
+        ("async", False, "MainThread"), ("async", True, "MainThread")]
+    # the caller got its answer only once the Future had completed
+    assert len(mount.entries("fsync_completed", "future")) == 2
+    callbacks = mount.entries("fsync_add_done_callback", "future")
+    assert [c["pending"] for c in callbacks] == [True, True], callbacks
+
+
+def test_flush_sync_paths(mount):
+    """close() sends FLUSH: flush_sync answers it in a worker thread, an
+    error it raises is what close() returns, None goes to the async flush."""
+    outcome = {}
+    for name in ("direct", "future", "future-done", "async", "flush-error", "flush-crash"):
+        fd = open_fd(mount, name)
+        outcome[name] = errno_of(lambda: os.close(fd))  # the fd is closed even when this fails
+    assert outcome == {"direct": None, "future": None, "future-done": None, "async": None,
+                       "flush-error": ERRNOS["flush_future"], "flush-crash": errno.EIO}
+    for name in outcome:
+        calls = mount.entries("flush_sync", name)
+        assert len(calls) == 1 and is_worker(calls[0]["thread"]), (name, calls)
+    assert [(f["name"], f["thread"]) for f in mount.entries("flush")] == [("async", "MainThread")]
+    assert mount.entries("flush_add_done_callback", "future")[0]["pending"] is True
+
+
+# -- 8. request_counts -------------------------------------------------------------
+
+
+def counts(m: Mount) -> dict[int, int]:
+    """pyfuse3.request_counts() in the daemon, by way of a lookup of "counts"
+    (itself one LOOKUP, counted before the handler runs)."""
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path("counts"))
+    return {int(k): v for k, v in m.entries("counts")[-1]["counts"].items()}
+
+
+READ, WRITE, FSYNC, FLUSH, GETATTR, LOOKUP, INIT = 15, 16, 20, 25, 3, 1, 26  # linux/fuse.h
+
+
+def test_request_counts_count_every_request_by_opcode(mount):
+    """Each request the workers receive is counted once, by its opcode,
+    whoever answers it: a sync handler, an async one, or libfuse (INIT)."""
+    fd = open_fd(mount, "direct", os.O_RDWR)
+    async_fd = open_fd(mount, "async", os.O_RDWR)
+    try:
+        before = counts(mount)
+        for i in range(7):  # the file is direct_io: one READ/WRITE per call
+            assert os.pread(fd, 4096, i * 4096) == initial("direct")[i * 4096:(i + 1) * 4096]
+        for i in range(5):
+            assert os.pwrite(fd, b"w" * 100, i * 8192) == 100
+        assert os.pread(async_fd, 4096, 0) == initial("async")[:4096]  # the async read
+        for _ in range(3):
+            os.fstat(fd)
+            os.fsync(fd)
+        after = counts(mount)
+    finally:
+        os.close(fd)
+        os.close(async_fd)
+    assert before.get(INIT) == 1
+    delta = {op: after.get(op, 0) - before.get(op, 0) for op in after}
+    assert delta[READ] == 8 and delta[WRITE] == 5 and delta[FSYNC] == 3, delta
+    # the handlers saw as many as were counted (a stray stat of the mount by
+    # another process would show on both sides)
+    log = mount.entries()
+    marks = [i for i, e in enumerate(log) if e["op"] == "counts"]
+    seen = [e["op"] for e in log[marks[-2] + 1:marks[-1] + 1]]
+    assert delta[GETATTR] == seen.count("getattr_sync") >= 3, (delta, seen)
+    assert delta[LOOKUP] == seen.count("lookup") >= 1, (delta, seen)
+    assert seen.count("read_sync") == 8 and seen.count("read") == 1 and seen.count("fsync_sync") == 3, seen

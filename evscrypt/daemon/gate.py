@@ -7,9 +7,9 @@ takes a point-in-time copy; then the held requests go on.  A copy taken
 inside is crash-consistent: it holds every write the kernel was told had
 completed, and none that was still running.
 
-Writes pass it from the FUSE worker threads (:meth:`try_enter`, which never
-waits: a writer that finds the gate closed goes the async way and waits in
-the trio thread), fsync and discard from the trio thread
+Writes and fsyncs pass it from the FUSE worker thread (:meth:`try_enter`,
+which never waits: a request that finds the gate closed goes the async way
+and waits in the trio thread), discards from the trio thread
 (``async with gate``); one small lock keeps the count and the closed state
 consistent between them.  Passing an open gate costs no checkpoint.
 """

@@ -176,6 +176,8 @@ class VolumeManager:
         self.invalidate_attr = lambda inode: None
         # set by the daemon at start, reported by status: data_path, xts_backend
         self.facts: dict = {}
+        # set by the FUSE layer: the requests it received, by FUSE opcode name
+        self.request_counts = lambda: {}
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -502,5 +504,8 @@ class VolumeManager:
                 async with trio.open_nursery() as n:
                     for a in atts:
                         n.start_soon(self._reattach, a, True)
-        return {"pid": os.getpid(), "mountpoint": str(self.disks), **self.facts,
-                "volumes": [self.describe(a) for a in atts]}
+        out = {"pid": os.getpid(), "mountpoint": str(self.disks), **self.facts,
+               "volumes": [self.describe(a) for a in atts]}
+        if uid == 0:  # counts of every volume's requests: root's alone
+            out["fuse_requests"] = self.request_counts()
+        return out
