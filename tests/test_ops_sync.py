@@ -21,26 +21,21 @@ import trio
 
 from evscrypt.daemon.manager import Attachment, VolumeManager
 from evscrypt.daemon.ops import Operations
-from evscrypt.image.engine import Engine
-from evscrypt.image.header import Header
 from evscrypt.volumes import VolumeStore
 
 MiB = 1 << 20
-DATA_OFFSET = 4096
 
 
 @pytest.fixture
 def setup(tmp_path):
     """An Operations over a manager with one unencrypted volume attached
     (inode 2) and open (handle 7), on a real image file."""
-    image = tmp_path / "v.img"
-    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
-    os.ftruncate(fd, DATA_OFFSET + MiB)
-    m = VolumeManager(VolumeStore(tmp_path / "home"), tmp_path / "disks")
+    store = VolumeStore(tmp_path / "home")
+    store.create("v", MiB, encrypted=False)
+    m = VolumeManager(store, tmp_path / "disks")
     ops = Operations(m)
-    h = Header(uuid="u", name="v", size=MiB, encrypted=False, data_offset=DATA_OFFSET)
-    a = Attachment(name="v", header=h, image=image, fd=fd, engine=Engine(fd, MiB, DATA_OFFSET, None),
-                   cipher=None, owner=0, inode=2)
+    vol = store.open_volume("v")
+    a = Attachment(name="v", vol=vol, engine=vol.engine(), owner=0, inode=2)
     m.by_name["v"] = m.by_inode[2] = a
     ops._handles[7] = a
     a.opened = 1
@@ -82,7 +77,7 @@ def test_getattr_sync_answers_attached_volumes_and_declines_the_rest(setup):
 def test_getattr_sync_shows_a_resize_whole(setup):
     """A resize replaces the header: the size and the block count agree."""
     ops, m, a = setup
-    a.header = dataclasses.replace(a.header, size=3 * MiB)
+    m._grow(a, dataclasses.replace(a.header, size=3 * MiB))  # what resize does, in its worker thread
     attr = ops.getattr_sync(2)
     assert (attr.st_size, attr.st_blocks) == (3 * MiB, 3 * MiB // 512)
 
