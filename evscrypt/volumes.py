@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, encryption_context
-from .crypto.xts import SECTOR_SIZE, SectorCipher
+from .crypto.xts import SectorCipher
 from .errors import (
     AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied, StorageError,
 )
+from .format import DEFAULT_DATA_OFFSET, SECTOR_SIZE
 from .fsutil import fsync_dir
 from .image import header as hdr
 from .image import headerfile
 from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
 from .image.engine import PLAINTEXT, Engine
-from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
 from .secret import Secret

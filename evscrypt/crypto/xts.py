@@ -1,38 +1,24 @@
 """XTS-AES-256 by sector number, bit-compatible with dm-crypt aes-xts-plain64.
 
-This module is the one place that knows the tweak convention.  A volume sector
-is 4096 bytes; dm-crypt (and LUKS2) count the plain64 IV in 512-byte units even
-with 4096-byte sectors unless ``iv_large_sectors`` is set, so sector ``n`` is
-encrypted with tweak ``8*n`` as a 16-byte little-endian integer.
-
-The 64-byte data key is split as XTS specifies: the first 32 bytes key the data
-cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
+The sector size, the tweak of a sector (plain64) and the zero-unwritten rule
+are the format's (evscrypt/format.py); this module runs them on one of the
+three implementations backend.py chooses, and hands the sector size and the
+IV units per sector to the fast ones as parameters.  The 64-byte data key is
+split as XTS specifies: the first 32 bytes key the data cipher, the last 32
+bytes key the tweak cipher.  It knows nothing of files.
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, ZERO_SECTOR, tweak
 from ..parallel import MIN_PART_SECTORS, split_run
 from ..secret import Secret
 from . import backend, evp, vaes
 
-SECTOR_SIZE = 4096
-#: dm-crypt's plain64 IV counts 512-byte units (no iv_large_sectors).
-IV_UNIT = 512
-IV_PER_SECTOR = SECTOR_SIZE // IV_UNIT
-KEY_SIZE = 64
-CIPHER_NAME = "aes-xts-plain64"
-
-
-_ZERO_SECTOR = bytes(SECTOR_SIZE)
 #: Requests this large are split across the cores on the EVP path.
 _SPLIT_BYTES = 2 * MIN_PART_SECTORS * SECTOR_SIZE
-
-
-def tweak(sector: int) -> bytes:
-    """The XTS tweak (dm-crypt plain64 IV) of volume sector ``sector``."""
-    return (sector * IV_PER_SECTOR).to_bytes(16, "little")
 
 
 def _check(data_len: int) -> int:
@@ -121,8 +107,8 @@ class SectorCipher:
         buf = bytearray(SECTOR_SIZE + 15)
         for i in range(n):
             lo, hi = i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE
-            if skip_zero and src[lo:hi] == _ZERO_SECTOR:
-                dst[lo:hi] = _ZERO_SECTOR
+            if skip_zero and src[lo:hi] == ZERO_SECTOR:
+                dst[lo:hi] = ZERO_SECTOR
                 continue
             c = Cipher(aes, modes.XTS(tweak(first_sector + i)))
             ctx = c.encryptor() if encrypt else c.decryptor()

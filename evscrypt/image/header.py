@@ -26,15 +26,12 @@ from datetime import datetime, timezone
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..crypto.xts import CIPHER_NAME, SECTOR_SIZE
 from ..errors import FormatError, IntegrityError, UnsupportedFeature
+from ..format import CIPHER_NAME, COPIES, HEADER_AREA, SECTOR_SIZE, SLOT_SIZE, ZERO_UNWRITTEN
 from ..secret import Secret
 
 MAGIC = b"EVSCRYPT"
 VERSION = 1
-SLOT_SIZE = 64 * 1024
-COPIES = 2
-HEADER_AREA = SLOT_SIZE * COPIES
 # magic, version, copy index, payload length, sequence number, reserved
 _PREFIX = struct.Struct(">8sHHIQ8s")
 PREFIX_SIZE = 64  # _PREFIX (32 bytes) + SHA-256 checksum (32 bytes)
@@ -42,10 +39,7 @@ MAX_PAYLOAD = SLOT_SIZE - PREFIX_SIZE
 
 #: Feature flags this version understands.  Every flag is "incompatible": an
 #: image naming a flag not listed here is refused rather than misread.
-#: "zero-unwritten": a stored sector of 4096 zero bytes is unwritten and reads
-#: as zeros.  Every image has it except a preallocated one, which, like
-#: dm-crypt, decrypts every sector (a zeroed sector reads as garbage).
-ZERO_UNWRITTEN = "zero-unwritten"
+#: ZERO_UNWRITTEN is the format's (evscrypt/format.py says what it means).
 KNOWN_FEATURES = frozenset({ZERO_UNWRITTEN})
 DEFAULT_FEATURES = (ZERO_UNWRITTEN,)
 
