@@ -11,10 +11,10 @@
  * OpenSSL loop otherwise.
  *
  * The cipher is plain XTS (IEEE 1619) over whole 16-byte blocks: no
- * ciphertext stealing, as dm-crypt sectors never need it.  The sector's
- * tweak is computed as in _xtsloop.c, mirroring evscrypt.crypto.xts.tweak():
- * (first_sector + i) * iv_per_sector, a 16-byte little-endian integer (the
- * caller refuses sector numbers whose tweak would not fit).
+ * ciphertext stealing, as dm-crypt sectors never need it.  The loop over
+ * sectors, with their tweaks and the zero-unwritten skip, is _xtssector.h,
+ * shared with _xtsloop.c (the caller refuses sector numbers whose tweak
+ * would not fit).
  *
  * The expanded keys live in a buffer the caller owns (xts.py keeps it in a
  * locked, wiped Secret); this module keeps no key material of its own and
@@ -26,6 +26,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_xtssector.h"
 
 /* Where the compiler lacks the VAES/VPCLMULQDQ/AVX-512 intrinsics (setup.py
  * probes it and then defines EVSCRYPT_NO_VAES), or off x86-64, the module
@@ -43,7 +45,6 @@
  * 15 for encryption with key 2 (the tweak key). */
 #define ROUNDS 14
 #define SCHED_SIZE (3 * (ROUNDS + 1) * 16)
-#define GIL_KEEP_SECTORS 4
 /* zmm0-31, as the register test reads them (registers_after_crypt) */
 #define DUMP_SIZE (32 * 64)
 
@@ -293,14 +294,17 @@ crypt_unit(const unsigned char *sched, const unsigned char *tweak16, const unsig
     }
 }
 
-/* True if the sector holds only zero bytes (sector is a multiple of 16). */
-static int
-all_zero(const unsigned char *p, Py_ssize_t sector)
+struct vaes {
+    const unsigned char *sched;
+    int enc;
+};
+
+/* One sector as one data unit (a sector_fn). */
+TARGET static int
+vaes_sector(void *arg, const unsigned char *tweak16, const unsigned char *in, unsigned char *out, Py_ssize_t len)
 {
-    const unsigned long long *w = (const unsigned long long *)p;
-    for (Py_ssize_t k = 0; k < sector / 8; k++)
-        if (w[k])
-            return 0;
+    const struct vaes *v = arg;
+    crypt_unit(v->sched, tweak16, in, out, (size_t)len, v->enc);
     return 1;
 }
 
@@ -310,20 +314,8 @@ crypt_run(const unsigned char *sched, unsigned __int128 first, unsigned long lon
           const unsigned char *in, unsigned char *out, Py_ssize_t n, Py_ssize_t sector, int enc,
           int skip_zero, int clear)
 {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (skip_zero && all_zero(in + i * sector, sector)) {
-            if (out + i * sector != in + i * sector)
-                memset(out + i * sector, 0, sector);
-            continue;
-        }
-        unsigned __int128 t = (first + (unsigned __int128)i) * iv_mul;
-        unsigned char tw[16];
-        for (int b = 0; b < 16; b++) {
-            tw[b] = (unsigned char)(t & 0xff);
-            t >>= 8;
-        }
-        crypt_unit(sched, tw, in + i * sector, out + i * sector, (size_t)sector, enc);
-    }
+    struct vaes v = {sched, enc};
+    run_sectors(vaes_sector, &v, first, iv_mul, in, out, n, sector, skip_zero);
     if (clear)
         clear_vectors();
 }
@@ -355,30 +347,43 @@ halves_equal(const unsigned char *key64)
     return diff == 0;
 }
 
+/* A 64-byte XTS key, or a ValueError. */
+static int
+check_key(const Py_buffer *key)
+{
+    if (key->len != 64) {
+        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
+        return 0;
+    }
+    return 1;
+}
+
+/* Release the buffers a call parsed (b and c may be NULL) and return ret. */
+static PyObject *
+release(PyObject *ret, Py_buffer *a, Py_buffer *b, Py_buffer *c)
+{
+    PyBuffer_Release(a);
+    if (b)
+        PyBuffer_Release(b);
+    if (c)
+        PyBuffer_Release(c);
+    return ret;
+}
+
 static PyObject *
 py_expand(PyObject *self, PyObject *args)
 {
     Py_buffer key, sched;
     if (!PyArg_ParseTuple(args, "y*w*", &key, &sched))
         return NULL;
-    PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (key.len != 64) {
-        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
-        goto done;
-    }
+    if (!check_sched(&sched) || !check_key(&key))
+        return release(NULL, &key, &sched, NULL);
     if (halves_equal(key.buf)) {
         PyErr_SetString(PyExc_ValueError, "XTS key halves must differ");
-        goto done;
+        return release(NULL, &key, &sched, NULL);
     }
     expand_all(key.buf, sched.buf, 1);
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&sched);
-    return ret;
+    return release(Py_NewRef(Py_None), &key, &sched, NULL);
 }
 
 static PyObject *
@@ -391,13 +396,8 @@ py_crypt_sectors(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*KKKy*w*ni|p", &sched, &first_lo, &first_hi, &iv_mul, &src, &dst, &sector,
                           &enc, &skip_zero))
         return NULL;
-    PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
-        goto done;
-    }
+    if (!check_sched(&sched) || !whole_sectors(&src, &dst, sector, 16))
+        return release(NULL, &sched, &src, &dst);
     Py_ssize_t n = src.len / sector;
     unsigned __int128 first = ((unsigned __int128)first_hi << 64) | first_lo;
     if (n > GIL_KEEP_SECTORS) {
@@ -407,13 +407,7 @@ py_crypt_sectors(PyObject *self, PyObject *args)
     } else {
         crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero, 1);
     }
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&sched);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(Py_NewRef(Py_None), &sched, &src, &dst);
 }
 
 static PyObject *
@@ -424,22 +418,17 @@ py_crypt_unit(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*w*i", &sched, &tweak, &src, &dst, &enc))
         return NULL;
     PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (tweak.len != 16 || src.len % 16 || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "need a 16-byte tweak and whole 16-byte blocks");
-        goto done;
+    if (check_sched(&sched)) {
+        if (tweak.len != 16 || src.len % 16 || dst.len < src.len) {
+            PyErr_SetString(PyExc_ValueError, "need a 16-byte tweak and whole 16-byte blocks");
+        } else {
+            crypt_unit(sched.buf, tweak.buf, src.buf, dst.buf, (size_t)src.len, enc);
+            clear_vectors();
+            ret = Py_NewRef(Py_None);
+        }
     }
-    crypt_unit(sched.buf, tweak.buf, src.buf, dst.buf, (size_t)src.len, enc);
-    clear_vectors();
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&sched);
     PyBuffer_Release(&tweak);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(ret, &sched, &src, &dst);
 }
 
 /* ---- for the test suite: the vector registers right after a call ---- */
@@ -513,21 +502,11 @@ py_registers_after_crypt(PyObject *self, PyObject *args)
     int enc, how;
     if (!PyArg_ParseTuple(args, "y*y*w*nii", &sched, &src, &dst, &sector, &enc, &how))
         return NULL;
-    PyObject *ret = NULL;
+    if (!check_sched(&sched) || !whole_sectors(&src, &dst, sector, 16))
+        return release(NULL, &sched, &src, &dst);
     unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
-    if (!check_sched(&sched))
-        goto done;
-    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
-        goto done;
-    }
     crypt_then_dump(sched.buf, src.buf, dst.buf, src.len / sector, sector, enc, how, regs);
-    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
-done:
-    PyBuffer_Release(&sched);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE), &sched, &src, &dst);
 }
 
 static PyObject *
@@ -537,20 +516,11 @@ py_registers_after_expand(PyObject *self, PyObject *args)
     int how;
     if (!PyArg_ParseTuple(args, "y*w*i", &key, &sched, &how))
         return NULL;
-    PyObject *ret = NULL;
+    if (!check_sched(&sched) || !check_key(&key))
+        return release(NULL, &key, &sched, NULL);
     unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
-    if (!check_sched(&sched))
-        goto done;
-    if (key.len != 64) {
-        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
-        goto done;
-    }
     expand_then_dump(key.buf, sched.buf, how, regs);
-    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
-done:
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&sched);
-    return ret;
+    return release(PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE), &key, &sched, NULL);
 }
 
 #else /* !HAVE_VAES: the stub */

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, ZERO_SECTOR, tweak
+from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, tweak
 from ..parallel import MIN_PART_SECTORS, split_run
 from ..secret import Secret
 from . import backend, evp, vaes
+from .sectors import run_sectors
 
 #: Requests this large are split across the cores on the EVP path.
 _SPLIT_BYTES = 2 * MIN_PART_SECTORS * SECTOR_SIZE
@@ -101,20 +102,24 @@ class SectorCipher:
             split_run(n, lambda lo, hi: fast.crypt_into(first_sector + lo, src[lo * SECTOR_SIZE:hi * SECTOR_SIZE],
                                                         dst[lo * SECTOR_SIZE:hi * SECTOR_SIZE], encrypt, skip_zero))
             return
+        self._reference_into(first_sector, src, dst, encrypt, skip_zero)
+
+    def _reference_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool) -> None:
+        """The reference path: one ``cryptography`` context per sector."""
         src = memoryview(src)
         dst = memoryview(dst)
         aes = self._aes
         buf = bytearray(SECTOR_SIZE + 15)
-        for i in range(n):
-            lo, hi = i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE
-            if skip_zero and src[lo:hi] == ZERO_SECTOR:
-                dst[lo:hi] = ZERO_SECTOR
-                continue
-            c = Cipher(aes, modes.XTS(tweak(first_sector + i)))
+
+        def unit(i: int, tweak16: bytes) -> None:
+            lo = i * SECTOR_SIZE
+            c = Cipher(aes, modes.XTS(tweak16))
             ctx = c.encryptor() if encrypt else c.decryptor()
-            k = ctx.update_into(src[lo:hi], buf)
+            k = ctx.update_into(src[lo:lo + SECTOR_SIZE], buf)
             dst[lo:lo + k] = buf[:k]
             ctx.finalize()
+
+        run_sectors(unit, first_sector, src, dst, SECTOR_SIZE, IV_PER_SECTOR, skip_zero)
 
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         fast = self._fast
