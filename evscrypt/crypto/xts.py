@@ -13,13 +13,10 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, tweak
-from ..parallel import MIN_PART_SECTORS, split_run
+from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from ..secret import Secret
 from . import backend, evp, vaes
 from .sectors import run_sectors
-
-#: Requests this large are split across the cores on the EVP path.
-_SPLIT_BYTES = 2 * MIN_PART_SECTORS * SECTOR_SIZE
 
 
 def _check(data_len: int) -> int:
@@ -95,7 +92,7 @@ class SectorCipher:
             raise ValueError("cipher is closed")
         if self._fast is not None:
             fast = self._fast
-            if n < 2 * MIN_PART_SECTORS or self._whole:  # no split, no closure
+            if n < MIN_SPLIT_SECTORS or self._whole:  # no split, no closure
                 fast.crypt_into(first_sector, src, dst, encrypt, skip_zero)
                 return
             src, dst = memoryview(src), memoryview(dst)
@@ -123,7 +120,7 @@ class SectorCipher:
 
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         fast = self._fast
-        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+        if fast is not None and (self._whole or len(src) < MIN_SPLIT_BYTES):
             fast.crypt_into(first_sector, src, dst, True)  # the common case, straight to C
             return
         self._crypt_into(first_sector, src, dst, True)
@@ -134,7 +131,7 @@ class SectorCipher:
         stores an unwritten sector as zeros, and this way one call (one pass,
         in C on the fast path) handles a run that mixes both."""
         fast = self._fast
-        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+        if fast is not None and (self._whole or len(src) < MIN_SPLIT_BYTES):
             fast.crypt_into(first_sector, src, dst, False, skip_zero)  # the common case, straight to C
             return
         self._crypt_into(first_sector, src, dst, False, skip_zero)

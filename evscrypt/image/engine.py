@@ -20,7 +20,7 @@ import threading
 from ..crypto.xts import SectorCipher
 from ..errors import OutOfRange
 from ..format import SECTOR_SIZE, ZERO_SECTOR, holes_read_as_zeros, sector_to_backing
-from ..parallel import MIN_PART_SECTORS, split_run
+from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from . import geometry
 from .backing import pread_into, punch_hole, pwrite_all, read_buffer
 
@@ -112,7 +112,7 @@ class Engine:
     # -- sector level --------------------------------------------------------
     def _read_sectors(self, first: int, count: int, split: bool = True) -> bytearray:
         buf = read_buffer(count * SECTOR_SIZE)  # _read_run fills every byte
-        if count < 2 * MIN_PART_SECTORS or not (split and self.cipher and self.cipher.splits):  # no split, no closure
+        if count < MIN_SPLIT_SECTORS or not (split and self.cipher and self.cipher.splits):  # no split, no closure
             self._read_run(first, buf)
             return buf
         mv = memoryview(buf)
@@ -135,7 +135,7 @@ class Engine:
         # Large writes split on every path: while one part's ciphertext goes
         # to the image, the other part is encrypted (pwrites to one file take
         # its inode lock in turn).  Reads split only where SectorCipher.splits.
-        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE or not split:  # no split, no closure
+        if len(plain) < MIN_SPLIT_BYTES or not split:  # no split, no closure
             self.cipher.encrypt_into(first, plain, data)
             pwrite_all(self.fd, data, sector_to_backing(self.data_offset, first))
             return
