@@ -233,7 +233,7 @@ class VolumeStore:
                 self.backend(op.entry.kms).check_access(op.entry.key_id, uid)
                 with self.unwrap(op.entry, op.header) as dk:
                     op.cipher = SectorCipher(dk)
-                    op.mac_key = hdr.Header.mac_key(dk)
+                    op.mac_key = hdr.mac_key(dk)
             if repair and op.loaded.damaged:
                 log.warning("volume %s: repairing damaged header copy (%s)", name,
                             "; ".join(e for e in op.loaded.errors if e))
@@ -251,7 +251,7 @@ class VolumeStore:
             raise InvalidArgument(f"volume {entry.name!r} is not encrypted")
         dk = self.backend(entry.kms).decrypt(header.wrapped_dk, entry.context(), entry.key_id)
         try:
-            header.verify(dk)
+            hdr.verify(header, dk)
         except BaseException:
             dk.wipe()
             raise
@@ -352,7 +352,7 @@ class VolumeStore:
                 dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
                                                                 h.encryption_context)
                 h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
-                h.seal(dk)
+                hdr.seal(h, dk)
             os.ftruncate(fd, h.data_offset + size)
             hdr.store(fd, h)
             if preallocate or fill:
@@ -400,7 +400,7 @@ class VolumeStore:
                 with self.unwrap(source, src) as dk:
                     h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
                         src.key_id, dk, h.encryption_context)
-                    h.seal(dk)
+                    hdr.seal(h, dk)
                     if new_size > src.size and not h.zero_unwritten:
                         self._fill_grown(fd, h, src.size, dk)
             hdr.store(fd, h)  # overwrites both copies of the source header
@@ -595,7 +595,7 @@ def grow_image(op: OpenVolume, new: hdr.Header) -> None:
     the offline one share it."""
     old = op.header
     if new.encrypted:
-        new.seal_with(op.mac_key)
+        hdr.seal_with(new, op.mac_key)
     try:
         # the file first: a crash in between leaves the old size, and a
         # longer file under it is harmless
