@@ -24,13 +24,13 @@ from typing import Callable, Iterator
 from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, encryption_context
 from .crypto.xts import SectorCipher
 from .errors import (
-    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied, StorageError,
+    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied,
 )
 from .format import DEFAULT_DATA_OFFSET, SECTOR_SIZE
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, write_private
 from .image import header as hdr
 from .image import headerfile
-from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
+from .image.backing import is_locked, lock_exclusive, storage_error
 from .image.engine import PLAINTEXT, Engine
 from .kms import KMSBackend, open_backend
 from .names import check_name
@@ -548,17 +548,7 @@ class VolumeStore:
         if not self.header(name).encrypted:
             raise EncryptionRuleError(f"volume {name!r} is not encrypted: it has no data key to dump")
         with self.data_key(name) as dk:
-            try:
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                raise AlreadyExists(f"{key_file} already exists; refusing to overwrite it")
-            except OSError as e:
-                raise StorageError(f"cannot create {key_file}: {e.strerror}")
-            try:
-                pwrite_all(fd, dk.view(), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private(key_file, dk.view())
         return self.path(name)
 
     @contextlib.contextmanager
