@@ -94,30 +94,29 @@ clear_vectors(void)
 
 /* ---- key expansion (Intel's AES-NI white paper, AES-256) ---- */
 
+/* Each 32-bit word of x xored with every word below it (x ^ x<<32 ^ x<<64
+ * ^ x<<96): the running xor both halves of a schedule step start from. */
+TARGET static inline __m128i
+xor_words_below(__m128i x)
+{
+    __m128i t = _mm_slli_si128(x, 4);
+    x = _mm_xor_si128(x, t);
+    t = _mm_slli_si128(t, 4);
+    x = _mm_xor_si128(x, t);
+    t = _mm_slli_si128(t, 4);
+    return _mm_xor_si128(x, t);
+}
+
 TARGET static inline __m128i
 expand_a(__m128i a, __m128i assist)
 {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    __m128i t = _mm_slli_si128(a, 4);
-    a = _mm_xor_si128(a, t);
-    t = _mm_slli_si128(t, 4);
-    a = _mm_xor_si128(a, t);
-    t = _mm_slli_si128(t, 4);
-    a = _mm_xor_si128(a, t);
-    return _mm_xor_si128(a, assist);
+    return _mm_xor_si128(xor_words_below(a), _mm_shuffle_epi32(assist, 0xff));
 }
 
 TARGET static inline __m128i
 expand_b(__m128i a, __m128i c)
 {
-    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(a, 0), 0xaa);
-    __m128i t = _mm_slli_si128(c, 4);
-    c = _mm_xor_si128(c, t);
-    t = _mm_slli_si128(t, 4);
-    c = _mm_xor_si128(c, t);
-    t = _mm_slli_si128(t, 4);
-    c = _mm_xor_si128(c, t);
-    return _mm_xor_si128(c, assist);
+    return _mm_xor_si128(xor_words_below(c), _mm_shuffle_epi32(_mm_aeskeygenassist_si128(a, 0), 0xaa));
 }
 
 #define EXPAND_STEP(i, rcon)                                                  \
@@ -202,23 +201,19 @@ mul_alpha_k(__m512i t, int k, __m512i poly)
     _mm512_xor_si512(_mm512_bslli_epi128((t), (B)),                           \
                      _mm512_clmulepi64_epi128(_mm512_bsrli_epi128((t), 16 - (B)), (poly), 0x00))
 
-TARGET static inline __m128i
-aes_enc1(__m128i x, const __m128i *rk)
-{
-    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
-    for (int r = 1; r < ROUNDS; r++)
-        x = _mm_aesenc_si128(x, _mm_loadu_si128(rk + r));
-    return _mm_aesenclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
-}
-
-TARGET static inline __m128i
-aes_dec1(__m128i x, const __m128i *rk)
-{
-    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
-    for (int r = 1; r < ROUNDS; r++)
-        x = _mm_aesdec_si128(x, _mm_loadu_si128(rk + r));
-    return _mm_aesdeclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
-}
+/* One block through AES-256 with round keys rk: aes_enc1 encrypts,
+ * aes_dec1 decrypts (with the inverse schedule).  One body, two round
+ * instructions. */
+#define AES_ONE_BLOCK(name, round, last)                                      \
+    TARGET static inline __m128i name(__m128i x, const __m128i *rk)           \
+    {                                                                         \
+        x = _mm_xor_si128(x, _mm_loadu_si128(rk));                            \
+        for (int r = 1; r < ROUNDS; r++)                                      \
+            x = round(x, _mm_loadu_si128(rk + r));                            \
+        return last(x, _mm_loadu_si128(rk + ROUNDS));                         \
+    }
+AES_ONE_BLOCK(aes_enc1, _mm_aesenc_si128, _mm_aesenclast_si128)
+AES_ONE_BLOCK(aes_dec1, _mm_aesdec_si128, _mm_aesdeclast_si128)
 
 /* Registers of four blocks each in flight per loop turn: enough independent
  * AES chains to cover the instruction's latency. */
@@ -226,6 +221,19 @@ aes_dec1(__m128i x, const __m128i *rk)
 #define WAYS 4
 #endif
 #define BLOCKS_PER_TURN (4 * WAYS)
+
+/* Rounds 1 to 14 of the WAYS registers x, with the broadcast round keys k:
+ * round and last are the encryption or the decryption instructions. */
+#define ROUNDS_WIDE(x, k, round, last)                                        \
+    do {                                                                      \
+        for (int r = 1; r < ROUNDS; r++)                                      \
+            _Pragma("GCC unroll 8")                                           \
+            for (int v = 0; v < WAYS; v++)                                    \
+                (x)[v] = round((x)[v], (k)[r]);                               \
+        _Pragma("GCC unroll 8")                                               \
+        for (int v = 0; v < WAYS; v++)                                        \
+            (x)[v] = last((x)[v], (k)[ROUNDS]);                               \
+    } while (0)
 
 /* One data unit of `len` bytes (a multiple of 16) with a 16-byte tweak. */
 TARGET static void
@@ -256,23 +264,10 @@ crypt_unit(const unsigned char *sched, const unsigned char *tweak16, const unsig
 #pragma GCC unroll 8
             for (int v = 0; v < WAYS; v++)
                 x[v] = _mm512_xor_si512(_mm512_xor_si512(_mm512_loadu_si512(p + 64 * v), w[v]), k[0]);
-            if (enc) {
-                for (int r = 1; r < ROUNDS; r++)
-#pragma GCC unroll 8
-                    for (int v = 0; v < WAYS; v++)
-                        x[v] = _mm512_aesenc_epi128(x[v], k[r]);
-#pragma GCC unroll 8
-                for (int v = 0; v < WAYS; v++)
-                    x[v] = _mm512_aesenclast_epi128(x[v], k[ROUNDS]);
-            } else {
-                for (int r = 1; r < ROUNDS; r++)
-#pragma GCC unroll 8
-                    for (int v = 0; v < WAYS; v++)
-                        x[v] = _mm512_aesdec_epi128(x[v], k[r]);
-#pragma GCC unroll 8
-                for (int v = 0; v < WAYS; v++)
-                    x[v] = _mm512_aesdeclast_epi128(x[v], k[ROUNDS]);
-            }
+            if (enc)
+                ROUNDS_WIDE(x, k, _mm512_aesenc_epi128, _mm512_aesenclast_epi128);
+            else
+                ROUNDS_WIDE(x, k, _mm512_aesdec_epi128, _mm512_aesdeclast_epi128);
 #pragma GCC unroll 8
             for (int v = 0; v < WAYS; v++) {
                 _mm512_storeu_si512(q + 64 * v, _mm512_xor_si512(x[v], w[v]));
