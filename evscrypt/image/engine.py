@@ -1,9 +1,10 @@
 """Read and write any byte range of a volume.
 
 The engine turns a plaintext range into whole sectors (geometry.span), reads
-the ciphertext with one pread, decrypts only the sectors that were ever
-written (an all-zero stored sector is unwritten and reads as zeros), and
-writes back with read-modify-write for partial sectors.
+the ciphertext with one pread from where the format stores them
+(format.sector_to_backing), decrypts only the sectors that were ever written
+(with zero-unwritten, format.py's rule), and writes back with
+read-modify-write for partial sectors.
 
 Concurrency: FUSE may run requests in parallel threads.  A read-modify-write
 of a partial sector must not lose a concurrent update to the same sector, so
@@ -167,7 +168,7 @@ class Engine:
             return b""
         if self.cipher is None:
             buf = read_buffer(length)
-            pread_into(self.fd, buf, self.data_offset + offset)
+            pread_into(self.fd, buf, self.data_offset + offset)  # sector_to_backing, by the byte
             return buf
         sp = geometry.span(offset, length)
         buf = self._read_sectors(sp.first, sp.count, split)
@@ -197,7 +198,7 @@ class Engine:
             if self.cipher is None:
                 # plaintext needs no read-modify-write, but the lock still
                 # orders it against a partial discard's read-modify-write
-                pwrite_all(self.fd, data, self.data_offset + offset)
+                pwrite_all(self.fd, data, self.data_offset + offset)  # sector_to_backing, by the byte
             elif sp.aligned:
                 self._write_sectors(sp.first, data, split)
             else:
