@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import threading
 
-from .sectors import run_sectors
+from .sectors import to_crypt
 
 try:  # the C sector loop (setup.py builds it); the ctypes loop otherwise
     from . import _xtsloop
@@ -169,14 +169,11 @@ class EvpXts:
         iv = ctypes.create_string_buffer(16)
         outl = ctypes.c_int()
         init, update, ss = self._lib.EVP_CipherInit_ex, self._lib.EVP_CipherUpdate, self._sector
-
-        def unit(i: int, tweak16: bytes) -> None:
+        for i, tweak16 in to_crypt(first_sector, memoryview(src), memoryview(dst), ss, self._ivmul, skip_zero):
             ctypes.memmove(iv, tweak16, 16)
             if init(ctx, None, None, None, iv, enc) != 1 or update(ctx, dst_addr + i * ss, ctypes.byref(outl),
                                                                     src_addr + i * ss, ss) != 1:
                 raise OSError("EVP XTS operation failed")
-
-        run_sectors(unit, first_sector, src, dst, ss, self._ivmul, skip_zero)
         del keep_s, keep_d
 
     def close(self) -> None:

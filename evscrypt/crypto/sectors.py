@@ -10,25 +10,23 @@ they are for the C loops.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Iterator
 
-from ..format import tweak
-
-#: ``unit(i, tweak16)`` runs sector ``i`` of the request through the cipher.
-Unit = Callable[[int, bytes], None]
+from ..format import SECTOR_SIZE, ZERO_SECTOR, tweak
 
 
-def run_sectors(unit: Unit, first: int, src, dst, sector_size: int, iv_per_sector: int,
-                skip_unwritten: bool = False) -> None:
-    """Call ``unit`` for each sector of ``src`` (sector numbers from
-    ``first``).  With ``skip_unwritten``, an all-zero sector is not: it comes
-    out as zeros in ``dst``."""
-    src, dst = memoryview(src), memoryview(dst)
-    zero = bytes(sector_size) if skip_unwritten else None
+def to_crypt(first: int, src: memoryview, dst: memoryview, sector_size: int, iv_per_sector: int,
+             skip_unwritten: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(i, tweak) for each sector ``i`` of ``src`` (sector numbers from
+    ``first``) that must go through the cipher.  With ``skip_unwritten``, an
+    all-zero sector does not: it is written out as zeros in ``dst`` here."""
+    zero = None
+    if skip_unwritten:
+        zero = ZERO_SECTOR if sector_size == SECTOR_SIZE else bytes(sector_size)
     for i in range(len(src) // sector_size):
         if zero is not None:
             lo = i * sector_size
             if src[lo:lo + sector_size] == zero:
                 dst[lo:lo + sector_size] = zero
                 continue
-        unit(i, tweak(first + i, iv_per_sector))
+        yield i, tweak(first + i, iv_per_sector)

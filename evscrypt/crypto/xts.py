@@ -16,7 +16,7 @@ from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, tweak
 from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from ..secret import Secret
 from . import backend, evp, vaes
-from .sectors import run_sectors
+from .sectors import to_crypt
 
 
 def _check(data_len: int) -> int:
@@ -103,20 +103,16 @@ class SectorCipher:
 
     def _reference_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool) -> None:
         """The reference path: one ``cryptography`` context per sector."""
-        src = memoryview(src)
-        dst = memoryview(dst)
+        src, dst = memoryview(src), memoryview(dst)
         aes = self._aes
         buf = bytearray(SECTOR_SIZE + 15)
-
-        def unit(i: int, tweak16: bytes) -> None:
+        for i, tweak16 in to_crypt(first_sector, src, dst, SECTOR_SIZE, IV_PER_SECTOR, skip_zero):
             lo = i * SECTOR_SIZE
             c = Cipher(aes, modes.XTS(tweak16))
             ctx = c.encryptor() if encrypt else c.decryptor()
             k = ctx.update_into(src[lo:lo + SECTOR_SIZE], buf)
             dst[lo:lo + k] = buf[:k]
             ctx.finalize()
-
-        run_sectors(unit, first_sector, src, dst, SECTOR_SIZE, IV_PER_SECTOR, skip_zero)
 
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         fast = self._fast
