@@ -4,8 +4,6 @@ own error when they fail."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import stat
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from evscrypt.catalog import VOLUME, Catalog
 from evscrypt.errors import AlreadyExists, KMSUnavailable, StorageError
 from evscrypt.fsutil import locked_file, write_private
+from evscrypt.image.backing import is_locked
 from evscrypt.kms.local import LocalKMS
 from evscrypt.secret import Secret
 
@@ -21,25 +20,12 @@ class Unusable(Exception):
     pass
 
 
-def try_lock(path) -> bool:
-    """Whether another open file description gets the lock now (flock locks
-    conflict between descriptions even inside one process)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def test_locked_file_holds_an_exclusive_lock_for_the_body_only(tmp_path):
     lock = tmp_path / ".lock"
     with locked_file(lock, Unusable):
         assert stat.S_IMODE(lock.stat().st_mode) == 0o600
-        assert not try_lock(lock)
-    assert try_lock(lock)
+        assert is_locked(lock)  # another open file is refused, even in this process
+    assert not is_locked(lock)
 
 
 def test_locked_file_releases_the_lock_when_the_body_raises(tmp_path):
@@ -47,7 +33,7 @@ def test_locked_file_releases_the_lock_when_the_body_raises(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with locked_file(lock, Unusable):
             1 / 0
-    assert try_lock(lock)
+    assert not is_locked(lock)
 
 
 def test_locked_file_raises_the_callers_error_when_it_cannot_open(tmp_path):
