@@ -49,8 +49,11 @@ class BuildExt(build_ext):
         return True
 
 
-ext = [Extension("evscrypt.crypto._xtsloop", ["evscrypt/crypto/_xtsloop.c"],
+#: The sector loop both extensions include; listed so that a change to it
+#: rebuilds them and the sdist ships it.
+SHARED = ["evscrypt/crypto/_xtssector.h"]
+ext = [Extension("evscrypt.crypto._xtsloop", ["evscrypt/crypto/_xtsloop.c"], depends=SHARED,
                  extra_compile_args=["-O2"], optional=True),
-       Extension("evscrypt.crypto._xtsvaes", ["evscrypt/crypto/_xtsvaes.c"],
+       Extension("evscrypt.crypto._xtsvaes", ["evscrypt/crypto/_xtsvaes.c"], depends=SHARED,
                  extra_compile_args=["-O2"], optional=True)]
 setup(ext_modules=ext, cmdclass={"build_ext": BuildExt})

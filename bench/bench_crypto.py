@@ -28,8 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evscrypt.crypto import backend  # noqa: E402
-from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt  # noqa: E402
+from evscrypt.crypto.xts import SectorCipher, reference_crypt  # noqa: E402
 from evscrypt.errors import EvscryptError  # noqa: E402
+from evscrypt.format import SECTOR_SIZE  # noqa: E402
 from evscrypt.secret import Secret  # noqa: E402
 
 SECONDS_PER_ROW = 1.5

@@ -21,16 +21,14 @@ explicitly (``evscrypt volume adopt``).  docs/FORMAT.md specifies the file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import FormatError, IntegrityError, StorageError
-from .fsutil import write_atomic
+from .fsutil import locked_file, write_atomic
 
 log = logging.getLogger("evscrypt.catalog")
 
@@ -158,20 +156,12 @@ class Catalog:
     def names(self, kind: str) -> list[str]:
         return sorted(self._doc()[kind])
 
-    @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> contextlib.AbstractContextManager:
         """The state lock: orders every read-modify-write of the catalog
         across processes (CLI commands and the daemon)."""
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.home / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StorageError(f"cannot lock the catalog in {self.home}: {e.strerror}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return locked_file(self.home / LOCK,
+                           lambda e: StorageError(f"cannot lock the catalog in {self.home}: {e.strerror}"))
 
     def _read(self) -> dict | None:
         try:

@@ -19,8 +19,15 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-#: Runs of at least twice this many sectors (2 x 256 KiB) are split.
+from .format import SECTOR_SIZE
+
+#: The smallest part a run is cut into (256 KiB).
 MIN_PART_SECTORS = 64
+#: The split threshold: a shorter run makes fewer than two parts and always
+#: runs whole.  Callers on the hot path test it themselves (in sectors or in
+#: bytes) before building the closure split_run needs.
+MIN_SPLIT_SECTORS = 2 * MIN_PART_SECTORS
+MIN_SPLIT_BYTES = MIN_SPLIT_SECTORS * SECTOR_SIZE
 _CPUS = os.cpu_count() or 1
 _pool_obj: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()  # guards the lazy creation of _pool_obj

@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, encryption_context
-from .crypto.xts import SECTOR_SIZE, SectorCipher
+from .crypto.xts import SectorCipher
 from .errors import (
-    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied, StorageError,
+    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied,
 )
-from .fsutil import fsync_dir
+from .format import DEFAULT_DATA_OFFSET, SECTOR_SIZE
+from .fsutil import fsync_dir, write_private
 from .image import header as hdr
 from .image import headerfile
-from .image.backing import is_locked, lock_exclusive, pwrite_all, storage_error
+from .image.backing import is_locked, lock_exclusive, storage_error
 from .image.engine import PLAINTEXT, Engine
-from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
 from .secret import Secret
@@ -233,7 +233,7 @@ class VolumeStore:
                 self.backend(op.entry.kms).check_access(op.entry.key_id, uid)
                 with self.unwrap(op.entry, op.header) as dk:
                     op.cipher = SectorCipher(dk)
-                    op.mac_key = hdr.Header.mac_key(dk)
+                    op.mac_key = hdr.mac_key(dk)
             if repair and op.loaded.damaged:
                 log.warning("volume %s: repairing damaged header copy (%s)", name,
                             "; ".join(e for e in op.loaded.errors if e))
@@ -251,7 +251,7 @@ class VolumeStore:
             raise InvalidArgument(f"volume {entry.name!r} is not encrypted")
         dk = self.backend(entry.kms).decrypt(header.wrapped_dk, entry.context(), entry.key_id)
         try:
-            header.verify(dk)
+            hdr.verify(header, dk)
         except BaseException:
             dk.wipe()
             raise
@@ -352,7 +352,7 @@ class VolumeStore:
                 dk, wrapped, key_id = backend.generate_data_key(key or backend.default_key(),
                                                                 h.encryption_context)
                 h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
-                h.seal(dk)
+                hdr.seal(h, dk)
             os.ftruncate(fd, h.data_offset + size)
             hdr.store(fd, h)
             if preallocate or fill:
@@ -400,7 +400,7 @@ class VolumeStore:
                 with self.unwrap(source, src) as dk:
                     h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
                         src.key_id, dk, h.encryption_context)
-                    h.seal(dk)
+                    hdr.seal(h, dk)
                     if new_size > src.size and not h.zero_unwritten:
                         self._fill_grown(fd, h, src.size, dk)
             hdr.store(fd, h)  # overwrites both copies of the source header
@@ -548,17 +548,7 @@ class VolumeStore:
         if not self.header(name).encrypted:
             raise EncryptionRuleError(f"volume {name!r} is not encrypted: it has no data key to dump")
         with self.data_key(name) as dk:
-            try:
-                fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                raise AlreadyExists(f"{key_file} already exists; refusing to overwrite it")
-            except OSError as e:
-                raise StorageError(f"cannot create {key_file}: {e.strerror}")
-            try:
-                pwrite_all(fd, dk.view(), 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_private(key_file, dk.view())
         return self.path(name)
 
     @contextlib.contextmanager
@@ -595,7 +585,7 @@ def grow_image(op: OpenVolume, new: hdr.Header) -> None:
     the offline one share it."""
     old = op.header
     if new.encrypted:
-        new.seal_with(op.mac_key)
+        hdr.seal_with(new, op.mac_key)
     try:
         # the file first: a crash in between leaves the old size, and a
         # longer file under it is harmless

@@ -61,7 +61,8 @@ def test_python_m_build_makes_an_sdist_and_a_wheel(dist):
     with tarfile.open(sdist) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for need in ("setup.py", "pyproject.toml", "README.md", "evscrypt/crypto/_xtsvaes.c",
-                 "evscrypt/crypto/_xtsloop.c", "evscrypt/daemon/datapath.py", "evscrypt/crypto/backend.py"):
+                 "evscrypt/crypto/_xtsloop.c", "evscrypt/crypto/_xtssector.h", "evscrypt/daemon/datapath.py",
+                 "evscrypt/crypto/backend.py"):
         assert need in names, need
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())

@@ -21,7 +21,8 @@ import subprocess
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher
+from evscrypt.crypto.xts import SectorCipher
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.secret import Secret
 
 CRYPTSETUP = shutil.which("cryptsetup")

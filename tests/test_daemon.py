@@ -30,8 +30,9 @@ from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
     pread_all, pwrite_all, read_direct, run_as, volume_status,
 )
 from evscrypt import client
-from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
+from evscrypt.crypto.xts import reference_crypt
 from evscrypt.errors import EvscryptError
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.paths import socket_path
 from evscrypt.volumes import VolumeStore
 

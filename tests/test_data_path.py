@@ -33,8 +33,9 @@ from daemon_fixture import (  # noqa: F401  (fixtures by name)
     daemon, make_daemon, needs_fio, pread_all, pwrite_all, read_direct, volume_status,
 )
 from evscrypt import client
-from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
+from evscrypt.crypto.xts import reference_crypt
 from evscrypt.daemon.ops import OFFLOAD_MIN
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.paths import socket_path
 from evscrypt.volumes import VolumeStore
 

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt
+from evscrypt.crypto.xts import SectorCipher, reference_crypt
 from evscrypt.errors import OutOfRange
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.image.engine import PLAINTEXT, Engine
 from evscrypt.image.header import HEADER_AREA
 from evscrypt.secret import Secret

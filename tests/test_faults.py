@@ -30,7 +30,7 @@ import pytest
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
     Daemon, daemon, is_mounted, loop_skip_reason, make_daemon, pwrite_all, read_direct, volume_status,
 )
-from evscrypt.crypto.xts import SECTOR_SIZE
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.image import header as hdr
 
 pytestmark = pytest.mark.fuse

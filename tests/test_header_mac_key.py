@@ -13,8 +13,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from evscrypt.image import header as hdr
-from evscrypt.image.header import Header
 from evscrypt.secret import Secret
+
+#: HKDF's info, as docs/FORMAT.md states it ("Header MAC").
+INFO = b"evscrypt/v1 header-mac"
 
 
 def rfc5869(ikm: bytes, info: bytes, length: int, salt: bytes = b"") -> bytes:
@@ -36,8 +38,8 @@ def test_the_oracle_passes_rfc5869_case_3():
 def test_mac_key_is_hkdf_of_the_dk():
     for _ in range(20):
         raw = os.urandom(64)
-        with Secret.from_buffer(raw) as dk, Header.mac_key(dk) as key:
+        with Secret.from_buffer(raw) as dk, hdr.mac_key(dk) as key:
             assert isinstance(key, Secret) and key.locked
-            assert bytes(key.buffer) == rfc5869(raw, hdr._MAC_INFO, 32)
+            assert bytes(key.buffer) == rfc5869(raw, INFO, 32)
             assert bytes(key.buffer) == HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                                             info=hdr._MAC_INFO).derive(raw)
+                                             info=INFO).derive(raw)

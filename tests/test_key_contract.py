@@ -688,7 +688,7 @@ def test_aws_header_records_key_arn_and_context(moto_kms, make_daemon, tmp_path)
                                               KeyId=meta["Arn"])["Plaintext"])
     assert len(plain) == 64
     with Secret.from_buffer(plain, wipe_source=True) as dk:
-        h.verify(dk)
+        hdr.verify(h, dk)
     from botocore.exceptions import ClientError
     with pytest.raises(ClientError, match="InvalidCiphertext"):
         moto_kms.client.decrypt(CiphertextBlob=h.wrapped_dk, KeyId=meta["Arn"],

@@ -26,7 +26,7 @@ import pytest
 
 from evscrypt.crypto import evp, vaes
 from evscrypt.errors import MemoryProtectionError
-from evscrypt.image.header import Header
+from evscrypt.image import header as hdr
 from evscrypt.kms.local import LocalKMS
 from evscrypt.volumes import VolumeStore
 
@@ -45,7 +45,7 @@ needs_tools = pytest.mark.skipif(shutil.which("prlimit") is None or shutil.which
 
 def key_material(store: VolumeStore, name: str) -> dict[str, bytes]:
     """What of a volume's keys may be found in memory, by label."""
-    with store.data_key(name) as dk, Header.mac_key(dk) as mk:
+    with store.data_key(name) as dk, hdr.mac_key(dk) as mk:
         key = bytes(dk.buffer)
         mac = bytes(mk.buffer)
     out = {f"{name} DK half 1": key[:32], f"{name} DK half 2": key[32:], f"{name} MAC key": mac}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from evscrypt.crypto.xts import SECTOR_SIZE
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.kms.local import _WRAP_HEAD, _context_aad
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from copy_helpers import MiB, data_area, header_of
 from daemon_fixture import make_daemon, pread_all  # noqa: F401  (fixture)
-from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
+from evscrypt.crypto.xts import reference_crypt
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.image.header import ZERO_UNWRITTEN
 
 ZERO = bytes(SECTOR_SIZE)

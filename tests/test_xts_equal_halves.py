@@ -9,7 +9,8 @@ import os
 import pytest
 
 from evscrypt.crypto import evp, vaes
-from evscrypt.crypto.xts import IV_PER_SECTOR, SECTOR_SIZE, SectorCipher
+from evscrypt.crypto.xts import SectorCipher
+from evscrypt.format import IV_PER_SECTOR, SECTOR_SIZE
 from evscrypt.secret import Secret
 
 HALF = os.urandom(32)

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evscrypt.crypto import backend, evp, vaes
-from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt
+from evscrypt.crypto.xts import SectorCipher, reference_crypt
+from evscrypt.format import SECTOR_SIZE
 from evscrypt.secret import Secret
 
 pytestmark = pytest.mark.skipif(not evp.available(), reason="libcrypto is not loadable")

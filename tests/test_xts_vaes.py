@@ -17,7 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evscrypt.crypto import backend, vaes
-from evscrypt.crypto.xts import IV_PER_SECTOR, SECTOR_SIZE, SectorCipher, reference_crypt, tweak
+from evscrypt.crypto.xts import SectorCipher, reference_crypt
+from evscrypt.format import IV_PER_SECTOR, SECTOR_SIZE, tweak
 from evscrypt.secret import Secret
 
 from test_xts_vectors import IEEE_KEY, IEEE_PT, IEEE_VECTORS, _dusn_set, _hexstr_set, primitive_xts

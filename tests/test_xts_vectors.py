@@ -29,7 +29,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evscrypt.crypto import backend, evp, vaes
-from evscrypt.crypto.xts import SECTOR_SIZE, SectorCipher, reference_crypt, tweak
+from evscrypt.crypto.xts import SectorCipher, reference_crypt
+from evscrypt.format import SECTOR_SIZE, tweak
 from evscrypt.secret import Secret
 
 

@@ -11,10 +11,10 @@
  * OpenSSL loop otherwise.
  *
  * The cipher is plain XTS (IEEE 1619) over whole 16-byte blocks: no
- * ciphertext stealing, as dm-crypt sectors never need it.  The sector's
- * tweak is computed as in _xtsloop.c, mirroring evscrypt.crypto.xts.tweak():
- * (first_sector + i) * iv_per_sector, a 16-byte little-endian integer (the
- * caller refuses sector numbers whose tweak would not fit).
+ * ciphertext stealing, as dm-crypt sectors never need it.  The loop over
+ * sectors, with their tweaks and the zero-unwritten skip, is _xtssector.h,
+ * shared with _xtsloop.c (the caller refuses sector numbers whose tweak
+ * would not fit).
  *
  * The expanded keys live in a buffer the caller owns (xts.py keeps it in a
  * locked, wiped Secret); this module keeps no key material of its own and
@@ -26,6 +26,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "_xtssector.h"
 
 /* Where the compiler lacks the VAES/VPCLMULQDQ/AVX-512 intrinsics (setup.py
  * probes it and then defines EVSCRYPT_NO_VAES), or off x86-64, the module
@@ -43,7 +45,6 @@
  * 15 for encryption with key 2 (the tweak key). */
 #define ROUNDS 14
 #define SCHED_SIZE (3 * (ROUNDS + 1) * 16)
-#define GIL_KEEP_SECTORS 4
 /* zmm0-31, as the register test reads them (registers_after_crypt) */
 #define DUMP_SIZE (32 * 64)
 
@@ -93,30 +94,29 @@ clear_vectors(void)
 
 /* ---- key expansion (Intel's AES-NI white paper, AES-256) ---- */
 
+/* Each 32-bit word of x xored with every word below it (x ^ x<<32 ^ x<<64
+ * ^ x<<96): the running xor both halves of a schedule step start from. */
+TARGET static inline __m128i
+xor_words_below(__m128i x)
+{
+    __m128i t = _mm_slli_si128(x, 4);
+    x = _mm_xor_si128(x, t);
+    t = _mm_slli_si128(t, 4);
+    x = _mm_xor_si128(x, t);
+    t = _mm_slli_si128(t, 4);
+    return _mm_xor_si128(x, t);
+}
+
 TARGET static inline __m128i
 expand_a(__m128i a, __m128i assist)
 {
-    assist = _mm_shuffle_epi32(assist, 0xff);
-    __m128i t = _mm_slli_si128(a, 4);
-    a = _mm_xor_si128(a, t);
-    t = _mm_slli_si128(t, 4);
-    a = _mm_xor_si128(a, t);
-    t = _mm_slli_si128(t, 4);
-    a = _mm_xor_si128(a, t);
-    return _mm_xor_si128(a, assist);
+    return _mm_xor_si128(xor_words_below(a), _mm_shuffle_epi32(assist, 0xff));
 }
 
 TARGET static inline __m128i
 expand_b(__m128i a, __m128i c)
 {
-    __m128i assist = _mm_shuffle_epi32(_mm_aeskeygenassist_si128(a, 0), 0xaa);
-    __m128i t = _mm_slli_si128(c, 4);
-    c = _mm_xor_si128(c, t);
-    t = _mm_slli_si128(t, 4);
-    c = _mm_xor_si128(c, t);
-    t = _mm_slli_si128(t, 4);
-    c = _mm_xor_si128(c, t);
-    return _mm_xor_si128(c, assist);
+    return _mm_xor_si128(xor_words_below(c), _mm_shuffle_epi32(_mm_aeskeygenassist_si128(a, 0), 0xaa));
 }
 
 #define EXPAND_STEP(i, rcon)                                                  \
@@ -201,23 +201,19 @@ mul_alpha_k(__m512i t, int k, __m512i poly)
     _mm512_xor_si512(_mm512_bslli_epi128((t), (B)),                           \
                      _mm512_clmulepi64_epi128(_mm512_bsrli_epi128((t), 16 - (B)), (poly), 0x00))
 
-TARGET static inline __m128i
-aes_enc1(__m128i x, const __m128i *rk)
-{
-    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
-    for (int r = 1; r < ROUNDS; r++)
-        x = _mm_aesenc_si128(x, _mm_loadu_si128(rk + r));
-    return _mm_aesenclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
-}
-
-TARGET static inline __m128i
-aes_dec1(__m128i x, const __m128i *rk)
-{
-    x = _mm_xor_si128(x, _mm_loadu_si128(rk));
-    for (int r = 1; r < ROUNDS; r++)
-        x = _mm_aesdec_si128(x, _mm_loadu_si128(rk + r));
-    return _mm_aesdeclast_si128(x, _mm_loadu_si128(rk + ROUNDS));
-}
+/* One block through AES-256 with round keys rk: aes_enc1 encrypts,
+ * aes_dec1 decrypts (with the inverse schedule).  One body, two round
+ * instructions. */
+#define AES_ONE_BLOCK(name, round, last)                                      \
+    TARGET static inline __m128i name(__m128i x, const __m128i *rk)           \
+    {                                                                         \
+        x = _mm_xor_si128(x, _mm_loadu_si128(rk));                            \
+        for (int r = 1; r < ROUNDS; r++)                                      \
+            x = round(x, _mm_loadu_si128(rk + r));                            \
+        return last(x, _mm_loadu_si128(rk + ROUNDS));                         \
+    }
+AES_ONE_BLOCK(aes_enc1, _mm_aesenc_si128, _mm_aesenclast_si128)
+AES_ONE_BLOCK(aes_dec1, _mm_aesdec_si128, _mm_aesdeclast_si128)
 
 /* Registers of four blocks each in flight per loop turn: enough independent
  * AES chains to cover the instruction's latency. */
@@ -225,6 +221,19 @@ aes_dec1(__m128i x, const __m128i *rk)
 #define WAYS 4
 #endif
 #define BLOCKS_PER_TURN (4 * WAYS)
+
+/* Rounds 1 to 14 of the WAYS registers x, with the broadcast round keys k:
+ * round and last are the encryption or the decryption instructions. */
+#define ROUNDS_WIDE(x, k, round, last)                                        \
+    do {                                                                      \
+        for (int r = 1; r < ROUNDS; r++)                                      \
+            _Pragma("GCC unroll 8")                                           \
+            for (int v = 0; v < WAYS; v++)                                    \
+                (x)[v] = round((x)[v], (k)[r]);                               \
+        _Pragma("GCC unroll 8")                                               \
+        for (int v = 0; v < WAYS; v++)                                        \
+            (x)[v] = last((x)[v], (k)[ROUNDS]);                               \
+    } while (0)
 
 /* One data unit of `len` bytes (a multiple of 16) with a 16-byte tweak. */
 TARGET static void
@@ -255,23 +264,10 @@ crypt_unit(const unsigned char *sched, const unsigned char *tweak16, const unsig
 #pragma GCC unroll 8
             for (int v = 0; v < WAYS; v++)
                 x[v] = _mm512_xor_si512(_mm512_xor_si512(_mm512_loadu_si512(p + 64 * v), w[v]), k[0]);
-            if (enc) {
-                for (int r = 1; r < ROUNDS; r++)
-#pragma GCC unroll 8
-                    for (int v = 0; v < WAYS; v++)
-                        x[v] = _mm512_aesenc_epi128(x[v], k[r]);
-#pragma GCC unroll 8
-                for (int v = 0; v < WAYS; v++)
-                    x[v] = _mm512_aesenclast_epi128(x[v], k[ROUNDS]);
-            } else {
-                for (int r = 1; r < ROUNDS; r++)
-#pragma GCC unroll 8
-                    for (int v = 0; v < WAYS; v++)
-                        x[v] = _mm512_aesdec_epi128(x[v], k[r]);
-#pragma GCC unroll 8
-                for (int v = 0; v < WAYS; v++)
-                    x[v] = _mm512_aesdeclast_epi128(x[v], k[ROUNDS]);
-            }
+            if (enc)
+                ROUNDS_WIDE(x, k, _mm512_aesenc_epi128, _mm512_aesenclast_epi128);
+            else
+                ROUNDS_WIDE(x, k, _mm512_aesdec_epi128, _mm512_aesdeclast_epi128);
 #pragma GCC unroll 8
             for (int v = 0; v < WAYS; v++) {
                 _mm512_storeu_si512(q + 64 * v, _mm512_xor_si512(x[v], w[v]));
@@ -293,14 +289,17 @@ crypt_unit(const unsigned char *sched, const unsigned char *tweak16, const unsig
     }
 }
 
-/* True if the sector holds only zero bytes (sector is a multiple of 16). */
-static int
-all_zero(const unsigned char *p, Py_ssize_t sector)
+struct vaes {
+    const unsigned char *sched;
+    int enc;
+};
+
+/* One sector as one data unit (a sector_fn). */
+TARGET static int
+vaes_sector(void *arg, const unsigned char *tweak16, const unsigned char *in, unsigned char *out, Py_ssize_t len)
 {
-    const unsigned long long *w = (const unsigned long long *)p;
-    for (Py_ssize_t k = 0; k < sector / 8; k++)
-        if (w[k])
-            return 0;
+    const struct vaes *v = arg;
+    crypt_unit(v->sched, tweak16, in, out, (size_t)len, v->enc);
     return 1;
 }
 
@@ -310,20 +309,8 @@ crypt_run(const unsigned char *sched, unsigned __int128 first, unsigned long lon
           const unsigned char *in, unsigned char *out, Py_ssize_t n, Py_ssize_t sector, int enc,
           int skip_zero, int clear)
 {
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (skip_zero && all_zero(in + i * sector, sector)) {
-            if (out + i * sector != in + i * sector)
-                memset(out + i * sector, 0, sector);
-            continue;
-        }
-        unsigned __int128 t = (first + (unsigned __int128)i) * iv_mul;
-        unsigned char tw[16];
-        for (int b = 0; b < 16; b++) {
-            tw[b] = (unsigned char)(t & 0xff);
-            t >>= 8;
-        }
-        crypt_unit(sched, tw, in + i * sector, out + i * sector, (size_t)sector, enc);
-    }
+    struct vaes v = {sched, enc};
+    run_sectors(vaes_sector, &v, first, iv_mul, in, out, n, sector, skip_zero);
     if (clear)
         clear_vectors();
 }
@@ -355,30 +342,43 @@ halves_equal(const unsigned char *key64)
     return diff == 0;
 }
 
+/* A 64-byte XTS key, or a ValueError. */
+static int
+check_key(const Py_buffer *key)
+{
+    if (key->len != 64) {
+        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
+        return 0;
+    }
+    return 1;
+}
+
+/* Release the buffers a call parsed (b and c may be NULL) and return ret. */
+static PyObject *
+release(PyObject *ret, Py_buffer *a, Py_buffer *b, Py_buffer *c)
+{
+    PyBuffer_Release(a);
+    if (b)
+        PyBuffer_Release(b);
+    if (c)
+        PyBuffer_Release(c);
+    return ret;
+}
+
 static PyObject *
 py_expand(PyObject *self, PyObject *args)
 {
     Py_buffer key, sched;
     if (!PyArg_ParseTuple(args, "y*w*", &key, &sched))
         return NULL;
-    PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (key.len != 64) {
-        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
-        goto done;
-    }
+    if (!check_sched(&sched) || !check_key(&key))
+        return release(NULL, &key, &sched, NULL);
     if (halves_equal(key.buf)) {
         PyErr_SetString(PyExc_ValueError, "XTS key halves must differ");
-        goto done;
+        return release(NULL, &key, &sched, NULL);
     }
     expand_all(key.buf, sched.buf, 1);
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&sched);
-    return ret;
+    return release(Py_NewRef(Py_None), &key, &sched, NULL);
 }
 
 static PyObject *
@@ -391,13 +391,8 @@ py_crypt_sectors(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*KKKy*w*ni|p", &sched, &first_lo, &first_hi, &iv_mul, &src, &dst, &sector,
                           &enc, &skip_zero))
         return NULL;
-    PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
-        goto done;
-    }
+    if (!check_sched(&sched) || !whole_sectors(&src, &dst, sector, 16))
+        return release(NULL, &sched, &src, &dst);
     Py_ssize_t n = src.len / sector;
     unsigned __int128 first = ((unsigned __int128)first_hi << 64) | first_lo;
     if (n > GIL_KEEP_SECTORS) {
@@ -407,13 +402,7 @@ py_crypt_sectors(PyObject *self, PyObject *args)
     } else {
         crypt_run(sched.buf, first, iv_mul, src.buf, dst.buf, n, sector, enc, skip_zero, 1);
     }
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&sched);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(Py_NewRef(Py_None), &sched, &src, &dst);
 }
 
 static PyObject *
@@ -424,22 +413,17 @@ py_crypt_unit(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "y*y*y*w*i", &sched, &tweak, &src, &dst, &enc))
         return NULL;
     PyObject *ret = NULL;
-    if (!check_sched(&sched))
-        goto done;
-    if (tweak.len != 16 || src.len % 16 || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "need a 16-byte tweak and whole 16-byte blocks");
-        goto done;
+    if (check_sched(&sched)) {
+        if (tweak.len != 16 || src.len % 16 || dst.len < src.len) {
+            PyErr_SetString(PyExc_ValueError, "need a 16-byte tweak and whole 16-byte blocks");
+        } else {
+            crypt_unit(sched.buf, tweak.buf, src.buf, dst.buf, (size_t)src.len, enc);
+            clear_vectors();
+            ret = Py_NewRef(Py_None);
+        }
     }
-    crypt_unit(sched.buf, tweak.buf, src.buf, dst.buf, (size_t)src.len, enc);
-    clear_vectors();
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&sched);
     PyBuffer_Release(&tweak);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(ret, &sched, &src, &dst);
 }
 
 /* ---- for the test suite: the vector registers right after a call ---- */
@@ -513,21 +497,11 @@ py_registers_after_crypt(PyObject *self, PyObject *args)
     int enc, how;
     if (!PyArg_ParseTuple(args, "y*y*w*nii", &sched, &src, &dst, &sector, &enc, &how))
         return NULL;
-    PyObject *ret = NULL;
+    if (!check_sched(&sched) || !whole_sectors(&src, &dst, sector, 16))
+        return release(NULL, &sched, &src, &dst);
     unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
-    if (!check_sched(&sched))
-        goto done;
-    if (sector <= 0 || sector % 16 || src.len % sector || dst.len < src.len) {
-        PyErr_SetString(PyExc_ValueError, "buffers must hold whole sectors");
-        goto done;
-    }
     crypt_then_dump(sched.buf, src.buf, dst.buf, src.len / sector, sector, enc, how, regs);
-    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
-done:
-    PyBuffer_Release(&sched);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&dst);
-    return ret;
+    return release(PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE), &sched, &src, &dst);
 }
 
 static PyObject *
@@ -537,20 +511,11 @@ py_registers_after_expand(PyObject *self, PyObject *args)
     int how;
     if (!PyArg_ParseTuple(args, "y*w*i", &key, &sched, &how))
         return NULL;
-    PyObject *ret = NULL;
+    if (!check_sched(&sched) || !check_key(&key))
+        return release(NULL, &key, &sched, NULL);
     unsigned char regs[DUMP_SIZE] __attribute__((aligned(64)));
-    if (!check_sched(&sched))
-        goto done;
-    if (key.len != 64) {
-        PyErr_SetString(PyExc_ValueError, "XTS-AES-256 needs a 64-byte key");
-        goto done;
-    }
     expand_then_dump(key.buf, sched.buf, how, regs);
-    ret = PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE);
-done:
-    PyBuffer_Release(&key);
-    PyBuffer_Release(&sched);
-    return ret;
+    return release(PyBytes_FromStringAndSize((const char *)regs, DUMP_SIZE), &key, &sched, NULL);
 }
 
 #else /* !HAVE_VAES: the stub */

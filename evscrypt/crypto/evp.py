@@ -20,6 +20,8 @@ import ctypes
 import ctypes.util
 import threading
 
+from .sectors import to_crypt
+
 try:  # the C sector loop (setup.py builds it); the ctypes loop otherwise
     from . import _xtsloop
 except ImportError:  # pragma: no cover - no compiler at install time
@@ -149,28 +151,26 @@ class EvpXts:
     def crypt_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool = False) -> None:
         """Run the sectors of src through the cipher into dst.  With
         skip_zero, all-zero sectors are not: they come out as zeros."""
-        lib = self._lib
         enc = 1 if encrypt else 0
         ctx = self._ctx(enc)
         if _xtsloop is not None and first_sector + len(src) // self._sector < 1 << 64:
             _xtsloop.crypt_sectors(ctx, _INIT, _UPDATE, first_sector, self._ivmul, src, dst, self._sector, enc,
                                    skip_zero)
             return
-        n, rest = divmod(len(src), self._sector)
-        if rest or len(dst) < len(src):
+        self._crypt_ctypes(ctx, enc, first_sector, src, dst, skip_zero)
+
+    def _crypt_ctypes(self, ctx: int, enc: int, first_sector: int, src, dst, skip_zero: bool) -> None:
+        """crypt_into without the C loop (no compiler at install time, or
+        sector numbers past 2**64): the same calls, through ctypes."""
+        if len(src) % self._sector or len(dst) < len(src):
             raise ValueError("buffers must hold whole sectors")
         src_addr, keep_s = _addr(src)
         dst_addr, keep_d = _addr(dst, writable=True)
         iv = ctypes.create_string_buffer(16)
         outl = ctypes.c_int()
-        init, update, ss = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate, self._sector
-        zero = bytes(ss) if skip_zero else None
-        src_mv, dst_mv = memoryview(src), memoryview(dst)
-        for i in range(n):
-            if skip_zero and src_mv[i * ss:(i + 1) * ss] == zero:
-                dst_mv[i * ss:(i + 1) * ss] = zero
-                continue
-            ctypes.memmove(iv, ((first_sector + i) * self._ivmul).to_bytes(16, "little"), 16)
+        init, update, ss = self._lib.EVP_CipherInit_ex, self._lib.EVP_CipherUpdate, self._sector
+        for i, tweak16 in to_crypt(first_sector, memoryview(src), memoryview(dst), ss, self._ivmul, skip_zero):
+            ctypes.memmove(iv, tweak16, 16)
             if init(ctx, None, None, None, iv, enc) != 1 or update(ctx, dst_addr + i * ss, ctypes.byref(outl),
                                                                     src_addr + i * ss, ss) != 1:
                 raise OSError("EVP XTS operation failed")

@@ -1,38 +1,22 @@
 """XTS-AES-256 by sector number, bit-compatible with dm-crypt aes-xts-plain64.
 
-This module is the one place that knows the tweak convention.  A volume sector
-is 4096 bytes; dm-crypt (and LUKS2) count the plain64 IV in 512-byte units even
-with 4096-byte sectors unless ``iv_large_sectors`` is set, so sector ``n`` is
-encrypted with tweak ``8*n`` as a 16-byte little-endian integer.
-
-The 64-byte data key is split as XTS specifies: the first 32 bytes key the data
-cipher, the last 32 bytes key the tweak cipher.  It knows nothing of files.
+The sector size, the tweak of a sector (plain64) and the zero-unwritten rule
+are the format's (evscrypt/format.py); this module runs them on one of the
+three implementations backend.py chooses, and hands the sector size and the
+IV units per sector to the fast ones as parameters.  The 64-byte data key is
+split as XTS specifies: the first 32 bytes key the data cipher, the last 32
+bytes key the tweak cipher.  It knows nothing of files.
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..parallel import MIN_PART_SECTORS, split_run
+from ..format import IV_PER_SECTOR, KEY_SIZE, SECTOR_SIZE, tweak
+from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from ..secret import Secret
 from . import backend, evp, vaes
-
-SECTOR_SIZE = 4096
-#: dm-crypt's plain64 IV counts 512-byte units (no iv_large_sectors).
-IV_UNIT = 512
-IV_PER_SECTOR = SECTOR_SIZE // IV_UNIT
-KEY_SIZE = 64
-CIPHER_NAME = "aes-xts-plain64"
-
-
-_ZERO_SECTOR = bytes(SECTOR_SIZE)
-#: Requests this large are split across the cores on the EVP path.
-_SPLIT_BYTES = 2 * MIN_PART_SECTORS * SECTOR_SIZE
-
-
-def tweak(sector: int) -> bytes:
-    """The XTS tweak (dm-crypt plain64 IV) of volume sector ``sector``."""
-    return (sector * IV_PER_SECTOR).to_bytes(16, "little")
+from .sectors import to_crypt
 
 
 def _check(data_len: int) -> int:
@@ -108,31 +92,31 @@ class SectorCipher:
             raise ValueError("cipher is closed")
         if self._fast is not None:
             fast = self._fast
-            if n < 2 * MIN_PART_SECTORS or self._whole:  # no split, no closure
+            if n < MIN_SPLIT_SECTORS or self._whole:  # no split, no closure
                 fast.crypt_into(first_sector, src, dst, encrypt, skip_zero)
                 return
             src, dst = memoryview(src), memoryview(dst)
             split_run(n, lambda lo, hi: fast.crypt_into(first_sector + lo, src[lo * SECTOR_SIZE:hi * SECTOR_SIZE],
                                                         dst[lo * SECTOR_SIZE:hi * SECTOR_SIZE], encrypt, skip_zero))
             return
-        src = memoryview(src)
-        dst = memoryview(dst)
+        self._reference_into(first_sector, src, dst, encrypt, skip_zero)
+
+    def _reference_into(self, first_sector: int, src, dst, encrypt: bool, skip_zero: bool) -> None:
+        """The reference path: one ``cryptography`` context per sector."""
+        src, dst = memoryview(src), memoryview(dst)
         aes = self._aes
         buf = bytearray(SECTOR_SIZE + 15)
-        for i in range(n):
-            lo, hi = i * SECTOR_SIZE, (i + 1) * SECTOR_SIZE
-            if skip_zero and src[lo:hi] == _ZERO_SECTOR:
-                dst[lo:hi] = _ZERO_SECTOR
-                continue
-            c = Cipher(aes, modes.XTS(tweak(first_sector + i)))
+        for i, tweak16 in to_crypt(first_sector, src, dst, SECTOR_SIZE, IV_PER_SECTOR, skip_zero):
+            lo = i * SECTOR_SIZE
+            c = Cipher(aes, modes.XTS(tweak16))
             ctx = c.encryptor() if encrypt else c.decryptor()
-            k = ctx.update_into(src[lo:hi], buf)
+            k = ctx.update_into(src[lo:lo + SECTOR_SIZE], buf)
             dst[lo:lo + k] = buf[:k]
             ctx.finalize()
 
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         fast = self._fast
-        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+        if fast is not None and (self._whole or len(src) < MIN_SPLIT_BYTES):
             fast.crypt_into(first_sector, src, dst, True)  # the common case, straight to C
             return
         self._crypt_into(first_sector, src, dst, True)
@@ -143,7 +127,7 @@ class SectorCipher:
         stores an unwritten sector as zeros, and this way one call (one pass,
         in C on the fast path) handles a run that mixes both."""
         fast = self._fast
-        if fast is not None and (self._whole or len(src) < _SPLIT_BYTES):
+        if fast is not None and (self._whole or len(src) < MIN_SPLIT_BYTES):
             fast.crypt_into(first_sector, src, dst, False, skip_zero)  # the common case, straight to C
             return
         self._crypt_into(first_sector, src, dst, False, skip_zero)

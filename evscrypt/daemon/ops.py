@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from ..errors import EvscryptError, StorageError
-from ..crypto.xts import SECTOR_SIZE
+from ..format import SECTOR_SIZE
 from .errno_map import errno_for
 from .fuse_opcodes import named
 from .manager import Attachment, VolumeManager

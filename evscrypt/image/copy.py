@@ -22,6 +22,8 @@ import os
 import struct
 from typing import Callable, Iterator
 
+from ..format import nonzero_runs
+
 #: One copy_file_range call (and one progress tick) at most: large enough to
 #: keep the syscall count low, small enough that Ctrl-C is seen quickly.
 COPY_STEP = 64 << 20
@@ -154,24 +156,6 @@ def read_chunks(fd: int, start: int, end: int, chunk: int) -> Iterator[tuple[int
                 got += k
             yield off, buf
         off += n
-
-
-def nonzero_runs(buf, block: int) -> Iterator[tuple[int, int]]:
-    """(first, end) block indexes of each run of blocks of ``buf`` that are not
-    all zero.  An all-zero stored sector is an unwritten one (docs/FORMAT.md)."""
-    mv = memoryview(buf)
-    count = len(mv) // block
-    zero = bytes(block)
-    i = 0
-    while i < count:
-        while i < count and mv[i * block:(i + 1) * block] == zero:
-            i += 1
-        j = i
-        while j < count and mv[j * block:(j + 1) * block] != zero:
-            j += 1
-        if j > i:
-            yield i, j
-        i = j
 
 
 def pwrite_sparse(fd: int, offset: int, data, block: int = 4096) -> None:

@@ -1,9 +1,10 @@
 """Read and write any byte range of a volume.
 
 The engine turns a plaintext range into whole sectors (geometry.span), reads
-the ciphertext with one pread, decrypts only the sectors that were ever
-written (an all-zero stored sector is unwritten and reads as zeros), and
-writes back with read-modify-write for partial sectors.
+the ciphertext with one pread from where the format stores them
+(format.sector_to_backing), decrypts only the sectors that were ever written
+(with zero-unwritten, format.py's rule), and writes back with
+read-modify-write for partial sectors.
 
 Concurrency: FUSE may run requests in parallel threads.  A read-modify-write
 of a partial sector must not lose a concurrent update to the same sector, so
@@ -17,13 +18,13 @@ from __future__ import annotations
 import os
 import threading
 
-from ..crypto.xts import SECTOR_SIZE, SectorCipher
+from ..crypto.xts import SectorCipher
 from ..errors import OutOfRange
-from ..parallel import MIN_PART_SECTORS, split_run
+from ..format import SECTOR_SIZE, ZERO_SECTOR, holes_read_as_zeros, sector_to_backing
+from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from . import geometry
 from .backing import pread_into, punch_hole, pwrite_all, read_buffer
 
-ZERO_SECTOR = bytes(SECTOR_SIZE)
 LOCK_STRIPES = 64
 
 
@@ -112,7 +113,7 @@ class Engine:
     # -- sector level --------------------------------------------------------
     def _read_sectors(self, first: int, count: int, split: bool = True) -> bytearray:
         buf = read_buffer(count * SECTOR_SIZE)  # _read_run fills every byte
-        if count < 2 * MIN_PART_SECTORS or not (split and self.cipher and self.cipher.splits):  # no split, no closure
+        if count < MIN_SPLIT_SECTORS or not (split and self.cipher and self.cipher.splits):  # no split, no closure
             self._read_run(first, buf)
             return buf
         mv = memoryview(buf)
@@ -123,28 +124,28 @@ class Engine:
         """Read and decrypt sectors from ``first`` into ``out``.  A large read
         runs as one such part per core (split_run): each part's pread and
         decryption overlap the other's."""
-        pread_into(self.fd, out, geometry.sector_to_backing(self.data_offset, first))
+        pread_into(self.fd, out, sector_to_backing(self.data_offset, first))
         if self.cipher is not None:
             self.cipher.decrypt_into(first, out, out, skip_zero=self.zero_unwritten)  # unwritten sectors stay zeros
 
     def _write_sectors(self, first: int, plain, split: bool = True) -> None:
         if self.cipher is None:
-            pwrite_all(self.fd, plain, geometry.sector_to_backing(self.data_offset, first))
+            pwrite_all(self.fd, plain, sector_to_backing(self.data_offset, first))
             return
         data = _scratch(len(plain))
         # Large writes split on every path: while one part's ciphertext goes
         # to the image, the other part is encrypted (pwrites to one file take
         # its inode lock in turn).  Reads split only where SectorCipher.splits.
-        if len(plain) < 2 * MIN_PART_SECTORS * SECTOR_SIZE or not split:  # no split, no closure
+        if len(plain) < MIN_SPLIT_BYTES or not split:  # no split, no closure
             self.cipher.encrypt_into(first, plain, data)
-            pwrite_all(self.fd, data, geometry.sector_to_backing(self.data_offset, first))
+            pwrite_all(self.fd, data, sector_to_backing(self.data_offset, first))
             return
         src, dst = memoryview(plain), memoryview(data)
 
         def part(lo: int, hi: int) -> None:  # encrypt, then write, one part per core
             a, b = lo * SECTOR_SIZE, hi * SECTOR_SIZE
             self.cipher.encrypt_into(first + lo, src[a:b], dst[a:b])
-            pwrite_all(self.fd, dst[a:b], geometry.sector_to_backing(self.data_offset, first + lo))
+            pwrite_all(self.fd, dst[a:b], sector_to_backing(self.data_offset, first + lo))
 
         split_run(len(plain) // SECTOR_SIZE, part)
 
@@ -159,7 +160,7 @@ class Engine:
                 and 0 <= offset <= self.size - SECTOR_SIZE:
             # the most common request, one whole sector: no span, no split
             buf = bytearray(SECTOR_SIZE)
-            pread_into(self.fd, buf, self.data_offset + offset)
+            pread_into(self.fd, buf, self.data_offset + offset)  # sector_to_backing, inlined
             cipher.decrypt_into(offset // SECTOR_SIZE, buf, buf, skip_zero=self.zero_unwritten)
             return buf
         self.check_range(offset, length)
@@ -167,7 +168,7 @@ class Engine:
             return b""
         if self.cipher is None:
             buf = read_buffer(length)
-            pread_into(self.fd, buf, self.data_offset + offset)
+            pread_into(self.fd, buf, self.data_offset + offset)  # sector_to_backing, by the byte
             return buf
         sp = geometry.span(offset, length)
         buf = self._read_sectors(sp.first, sp.count, split)
@@ -186,7 +187,7 @@ class Engine:
             out = bytearray(SECTOR_SIZE)
             with self._locks.one(offset // SECTOR_SIZE):
                 cipher.encrypt_into(offset // SECTOR_SIZE, data, out)
-                pwrite_all(self.fd, out, self.data_offset + offset)
+                pwrite_all(self.fd, out, self.data_offset + offset)  # sector_to_backing, inlined
             return SECTOR_SIZE
         self.check_range(offset, length)
         if length == 0:
@@ -197,7 +198,7 @@ class Engine:
             if self.cipher is None:
                 # plaintext needs no read-modify-write, but the lock still
                 # orders it against a partial discard's read-modify-write
-                pwrite_all(self.fd, data, self.data_offset + offset)
+                pwrite_all(self.fd, data, self.data_offset + offset)  # sector_to_backing, by the byte
             elif sp.aligned:
                 self._write_sectors(sp.first, data, split)
             else:
@@ -238,7 +239,7 @@ class Engine:
                     sector = self._read_sectors(s, 1)
                     sector[lo - s * SECTOR_SIZE:hi - s * SECTOR_SIZE] = bytes(hi - lo)
                     if sector == ZERO_SECTOR and self._holes:
-                        punch_hole(self.fd, geometry.sector_to_backing(self.data_offset, s), SECTOR_SIZE)
+                        punch_hole(self.fd, sector_to_backing(self.data_offset, s), SECTOR_SIZE)
                     else:
                         self._write_sectors(s, sector)
             if end_whole > first_whole:
@@ -248,14 +249,13 @@ class Engine:
 
     @property
     def _holes(self) -> bool:
-        """Whether a hole reads as zeros: on a plaintext volume always; on an
-        encrypted one only with zero-unwritten."""
-        return self.cipher is None or self.zero_unwritten
+        """Whether a hole reads as zeros (the format's rule)."""
+        return holes_read_as_zeros(self.cipher is not None, self.zero_unwritten)
 
     def _zero_sectors(self, first: int, end: int) -> None:
         """Sectors [first, end) read as zeros from now on."""
         if self._holes:
-            punch_hole(self.fd, geometry.sector_to_backing(self.data_offset, first), (end - first) * SECTOR_SIZE)
+            punch_hole(self.fd, sector_to_backing(self.data_offset, first), (end - first) * SECTOR_SIZE)
             return
         zeros = bytes(min(end - first, _ZERO_RUN) * SECTOR_SIZE)
         while first < end:

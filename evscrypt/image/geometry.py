@@ -1,18 +1,15 @@
-"""Pure offset arithmetic between the plaintext disk and the backing image.
+"""Pure offset arithmetic of a request: a plaintext byte range -> whole sectors.
 
 Nothing here does I/O.  A plaintext byte range maps to a run of whole sectors
-(the span); sector ``n`` is stored at ``data_offset + n * SECTOR_SIZE``.
+(the span); where a sector is stored in the image is the format's
+(``format.sector_to_backing``).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..crypto.xts import SECTOR_SIZE
-
-#: Where the data area starts in a new image.  1 MiB keeps the data aligned
-#: for every block layer and leaves room for the two header copies.
-DEFAULT_DATA_OFFSET = 1 << 20
+from ..format import SECTOR_SIZE
 
 
 class Span(NamedTuple):
@@ -49,15 +46,3 @@ def span(offset: int, length: int) -> Span:
     first = offset // SECTOR_SIZE
     last = (offset + length + SECTOR_SIZE - 1) // SECTOR_SIZE
     return Span(first, last - first, offset - first * SECTOR_SIZE, length)
-
-
-def sector_to_backing(data_offset: int, sector: int) -> int:
-    return data_offset + sector * SECTOR_SIZE
-
-
-def sectors(size: int) -> int:
-    return size // SECTOR_SIZE
-
-
-def is_sector_multiple(n: int) -> bool:
-    return n % SECTOR_SIZE == 0

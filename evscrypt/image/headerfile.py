@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 
 from ..catalog import Entry
-from ..errors import AlreadyExists, FormatError, InvalidArgument, StorageError
+from ..errors import FormatError, InvalidArgument
+from ..fsutil import write_private
 from . import header as hdr
-from .backing import pread_into, pwrite_all
+from .backing import pread_into
 
 
 def backup(image_fd: int, dest: Path) -> hdr.Loaded:
@@ -22,17 +23,7 @@ def backup(image_fd: int, dest: Path) -> hdr.Loaded:
     loaded = hdr.load(image_fd, "image")
     area = bytearray(hdr.HEADER_AREA)
     pread_into(image_fd, area, 0)
-    try:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise AlreadyExists(f"{dest} already exists; refusing to overwrite it")
-    except OSError as e:
-        raise StorageError(f"cannot create {dest}: {e.strerror}")
-    try:
-        pwrite_all(fd, area, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_private(dest, area)
     return loaded
 
 

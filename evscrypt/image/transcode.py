@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from ..crypto.xts import SECTOR_SIZE, SectorCipher
-from .copy import nonzero_runs
+from ..crypto.xts import SectorCipher
+from ..format import SECTOR_SIZE, nonzero_runs, written_runs
 from .engine import Engine
 from .header import Header
 
@@ -35,16 +35,14 @@ def transcode(chunks: Iterable[tuple[int, object]], src: Header, src_cipher: Sec
             continue  # the header area
         stored = memoryview(data)[lo - off:hi - off]
         first = (lo - start) // SECTOR_SIZE
-        # without zero-unwritten (a preallocated source) every sector is data
-        runs = nonzero_runs(stored, SECTOR_SIZE) if src.zero_unwritten else [(0, len(stored) // SECTOR_SIZE)]
-        for i, j in runs:
+        for i, j in written_runs(stored, src.zero_unwritten):
             run = bytearray(stored[i * SECTOR_SIZE:j * SECTOR_SIZE])
             if src_cipher is not None:
                 src_cipher.decrypt_into(first + i, run, run)
             if dst.cipher is None:
                 # a plaintext destination: a sector of plaintext zeros reads the
                 # same as a hole, so keep it a hole
-                for a, b in nonzero_runs(run, SECTOR_SIZE):
+                for a, b in nonzero_runs(run):
                     dst.write((first + i + a) * SECTOR_SIZE, memoryview(run)[a * SECTOR_SIZE:b * SECTOR_SIZE])
             else:
                 dst.write((first + i) * SECTOR_SIZE, run)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from ..errors import (
     AlreadyExists, InvalidArgument, InvalidCiphertext, KeyNotFound, KeyProtected,
     KeyStateError, KMSError, KMSUnavailable, NotFound, PermissionDenied,
 )
-from ..fsutil import write_atomic
+from ..fsutil import locked_file, write_atomic
 from ..names import DEFAULT_ALIAS, RESERVED_ALIAS_PREFIX, check_alias
 from ..secret import Secret, b64_decode, b64_encode
 from .base import Access, KeyInfo, KeyState, KMSBackend
@@ -210,20 +209,17 @@ class LocalKMS(KMSBackend):
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
 
-    @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> contextlib.AbstractContextManager:
         """Exclusive lock on the keystore: guards keys.json and root.key
         against concurrent read-modify-write by other processes."""
         try:
             self._ensure_dir()
-            fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
-            raise KMSUnavailable(f"the local keystore {self.dir} is unusable: {e.strerror or e}")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+            raise self._unusable(e)
+        return locked_file(self.dir / ".lock", self._unusable)
+
+    def _unusable(self, e: OSError) -> KMSUnavailable:
+        return KMSUnavailable(f"the local keystore {self.dir} is unusable: {e.strerror or e}")
 
     def _root_key(self) -> Secret:
         """Load (creating on first use) the root key that encrypts CMKs."""
