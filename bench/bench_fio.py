@@ -512,7 +512,7 @@ class Bench:
 
         def pong():
             try:
-                self.evs_pid = client.call(sock, "ping", timeout=5)["pid"]
+                self.evs_pid = client.Client(sock).ping()["pid"]
                 return True
             except Exception:
                 return False
@@ -666,9 +666,9 @@ class Bench:
             d_cli.append((t2 - t1) * 1e3)
         for _ in range(ATTACH_CYCLES):
             t0 = time.perf_counter()
-            client.call(sock, "attach", name="att")
+            client.Client(sock).attach("att")
             t1 = time.perf_counter()
-            client.call(sock, "detach", name="att")
+            client.Client(sock).detach("att")
             t2 = time.perf_counter()
             a_sock.append((t1 - t0) * 1e3)
             d_sock.append((t2 - t1) * 1e3)
@@ -679,16 +679,16 @@ class Bench:
         names = [f"rss{i:02d}" for i in range(RSS_VOLUMES)]
         for n in names:
             self.evs(None, "volume", "create", n, "--size", "1T")
-        client.call(sock, "attach", name=names[0])
+        client.Client(sock).attach(names[0])
         time.sleep(0.3)
         out["rss_1x1tib_kib"] = proc_status(pid)["VmRSS"]
         for n in names[1:]:
-            client.call(sock, "attach", name=n)
+            client.Client(sock).attach(n)
         time.sleep(0.3)
         out["rss_32x1tib_kib"] = proc_status(pid)["VmRSS"]
-        out["attached_bytes"] = sum(v["size"] for v in client.call(sock, "status")["volumes"])
+        out["attached_bytes"] = sum(v["size"] for v in client.Client(sock).status()["volumes"])
         for n in names:
-            client.call(sock, "detach", name=n)
+            client.Client(sock).detach(n)
         time.sleep(0.3)
         out["rss_after_detach_kib"] = proc_status(pid)["VmRSS"]
         # the first attach also loads code (one-off); the marginal cost is from volume 2 to 32

@@ -1,4 +1,4 @@
-"""The `evscrypt` command line, driven in-process through evscrypt.cli.main
+"""The `evscrypt` command line, driven in-process through evscrypt.cli.root.main
 and, once, as the installed console script."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from evscrypt import errors
-from evscrypt.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, main
+from evscrypt.cli.core import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
+from evscrypt.cli.root import main
 from evscrypt.image.header import HEADER_AREA
 from evscrypt.volumes import VolumeStore
 

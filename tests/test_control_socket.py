@@ -275,7 +275,7 @@ def test_300_concurrent_status_clients(daemon):
         try:
             barrier.wait(30)
             # the CLI's own client code: what 300 `evscrypt status` would do
-            results[i] = client.call(socket_path(daemon.runtime), "status", timeout=60)
+            results[i] = client.Client(socket_path(daemon.runtime)).status()
         except BaseException as e:  # noqa: BLE001 - reported below
             results[i] = e
 
@@ -318,7 +318,7 @@ def test_client_with_full_backlog_is_not_an_internal_error(tmp_path):
         else:
             pytest.skip("could not fill the listen backlog")
         with pytest.raises(DaemonUnavailable):
-            client.call(path, "status", timeout=2)
+            client.Client(path, timeout=2).status()
     finally:
         for s in fill:
             s.close()

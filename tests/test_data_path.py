@@ -84,7 +84,7 @@ def assert_image_matches(d, name: str, plain: bytes) -> None:
 
 def attached_status(d, name: str) -> dict:
     """The volume's status through the control socket (no CLI start-up)."""
-    for v in client.call(socket_path(d.runtime), "status", timeout=60)["volumes"]:
+    for v in client.Client(socket_path(d.runtime)).status()["volumes"]:
         if v["name"] == name:
             return v
     raise AssertionError(f"{name} is not attached")

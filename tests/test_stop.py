@@ -23,7 +23,7 @@ KEY_STATE, DAEMON_UNAVAILABLE = 12, 19
 
 
 def io_counters(d, name: str) -> dict:
-    for v in client.call(socket_path(d.runtime), "status", timeout=60)["volumes"]:
+    for v in client.Client(socket_path(d.runtime)).status()["volumes"]:
         if v["name"] == name:
             return v["io"]
     raise AssertionError(f"{name} is not attached")

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from .. import clone, client
+from .. import clone
 from ..backup import open_store, parse_source, reader
 from ..errors import Busy, DaemonUnavailable, NotFound
 from ..kms import BACKENDS
-from ..paths import socket_path
 from ..snapshots import images, snapshots
 from ..volumes import check_grow, cryptsetup_command
 from .common import (
@@ -122,7 +121,7 @@ def resize(env: Env, name, size):
         except Busy:
             pass
         try:
-            r = client.call(socket_path(env.runtime), "resize", name=name, size=new)
+            r = env.daemon.resize(name, new)
         except NotFound:
             continue
         except DaemonUnavailable as e:

@@ -150,7 +150,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     mountpoint = Path(mountpoint or runtime / "disks")
     sock = socket_path(runtime)
     try:
-        client.call(sock, "ping", timeout=5)
+        client.Client(sock).ping()
     except DaemonUnavailable:
         pass
     else:
