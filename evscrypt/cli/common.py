@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .. import client
-from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
+from ..errors import InvalidArgument, NotFound, PermissionDenied
 from .core import warn  # noqa: F401  (one place for the warning format)
 from ..paths import default_runtime_dir, socket_path
 
@@ -131,10 +131,7 @@ def daemon_snapshot(env: Env):
     """The ``online`` capture for snapshots.capture: the daemon copies an
     attached volume with its writes quiesced."""
     def online(name: str, dest: Path, uuid: str) -> None:
-        try:
-            env.daemon.snapshot(name, str(Path(dest).absolute()), uuid)
-        except DaemonUnavailable as e:
-            raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
+        env.daemon.snapshot(name, str(Path(dest).absolute()), uuid)
     return online
 
 
