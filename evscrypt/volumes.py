@@ -394,16 +394,19 @@ class VolumeStore:
             check_grow(src.size, new_size)
             h = dataclasses.replace(src, uuid=vol_uuid, name=name, size=new_size, created=hdr.now_iso(),
                                     origin=origin, encryption_context={}, mac=None)
-            os.ftruncate(fd, h.data_offset + new_size)
+            cipher = None  # an unencrypted copy's grown part stays a hole
             if src.encrypted:
                 h.encryption_context = encryption_context(vol_uuid, name)
                 with self.unwrap(source, src) as dk:
                     h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
                         src.key_id, dk, h.encryption_context)
                     h.seal(dk)
-                    if new_size > src.size and not h.zero_unwritten:
-                        self._fill_grown(fd, h, src.size, dk)
-            hdr.store(fd, h)  # overwrites both copies of the source header
+                    cipher = SectorCipher(dk)
+            try:
+                extend_image(fd, h, src.size, cipher)  # overwrites both copies of the source header
+            finally:
+                if cipher is not None:
+                    cipher.close()
             return h
 
         return self._build(name, vol_uuid, owner, build)
@@ -448,16 +451,6 @@ class VolumeStore:
         finally:
             os.close(fd)
         return h
-
-    @staticmethod
-    def _fill_grown(fd: int, h: hdr.Header, old_size: int, dk: Secret) -> None:
-        """Encrypted zeros over the grown part of a volume without
-        zero-unwritten (a preallocated one): it has no unwritten sectors."""
-        cipher = SectorCipher(dk)
-        try:
-            fill_zeros(Engine(fd, h.size, h.data_offset, cipher, zero_unwritten=False), old_size, h.size)
-        finally:
-            cipher.close()
 
     # -- inspect -------------------------------------------------------------
     def header(self, name: str) -> hdr.Header:
@@ -588,25 +581,30 @@ def fill_zeros(eng: Engine, start: int, end: int, progress: Callable[[int], None
             progress(n)
 
 
+def extend_image(fd: int, new: hdr.Header, old_size: int, cipher, prev: hdr.Loaded | None = None) -> hdr.Loaded:
+    """Make the image open on ``fd`` hold ``new.size`` bytes of data, then
+    store the header ``new`` (sealed already) over ``prev``: the file first,
+    so a crash in between leaves the old size, and a longer file under it is
+    harmless.  A volume without unwritten sectors (a preallocated one) gets
+    zeros over its grown part, through ``cipher`` (PLAINTEXT for an
+    unencrypted volume; None leaves that part a hole, which reads as zeros).
+    Growing a volume and creating a larger one from a copy share it."""
+    os.ftruncate(fd, new.data_offset + new.size)
+    if cipher is not None and not new.zero_unwritten and new.size > old_size:
+        fill_zeros(Engine(fd, new.size, new.data_offset, cipher, zero_unwritten=False), old_size, new.size)
+    return hdr.store(fd, new, prev)
+
+
 def grow_image(op: OpenVolume, new: hdr.Header) -> None:
-    """Grow an open volume's image to ``new.size``: the file, encrypted
-    zeros over the new part where the volume has no unwritten sectors, then
-    the header, resealed with the volume's MAC key.  The daemon's resize and
+    """Grow an open volume's image to ``new.size`` (:func:`extend_image`),
+    its header resealed with the volume's MAC key.  The daemon's resize and
     the offline one share it."""
-    old = op.header
     if new.encrypted:
         new.seal_with(op.mac_key)
     try:
-        # the file first: a crash in between leaves the old size, and a
-        # longer file under it is harmless
-        os.ftruncate(op.fd, new.data_offset + new.size)
-        if not new.zero_unwritten and new.size > old.size:
-            eng = Engine(op.fd, new.size, new.data_offset, op.cipher if new.encrypted else PLAINTEXT,
-                         zero_unwritten=False)
-            fill_zeros(eng, old.size, new.size)
-        op.loaded = hdr.store(op.fd, new, op.loaded)
+        op.loaded = extend_image(op.fd, new, op.header.size, op.cipher if new.encrypted else PLAINTEXT, op.loaded)
     except OSError as e:
-        raise storage_error(e, f"cannot resize volume {old.name!r}")
+        raise storage_error(e, f"cannot resize volume {op.header.name!r}")
 
 
 def cryptsetup_command(image: Path, key_file: Path, header: hdr.Header, mapping: str | None = None) -> str:
