@@ -1,7 +1,7 @@
 """Snapshots and images: point-in-time copies of a volume in the state directory.
 
 A snapshot lives in ``<home>/snapshots/NAME/`` and an image in
-``<home>/images/NAME/``.  Each directory holds ``image``, a byte copy of the
+``<home>/images/NAME/`` (evscrypt.paths).  Each directory holds ``image``, a byte copy of the
 volume's backing image (the header with its wrapped DK, then the data area
 as stored: ciphertext, holes kept, a reflink where the filesystem can), and
 ``meta.json``.  Being a copy of the header and the ciphertext, it keeps the
@@ -38,11 +38,10 @@ from .image.copy import sparse_copy
 from . import tempentry
 from .names import check_name
 from .offline import offline_or_daemon
+from .paths import COPY_IMAGE as IMAGE_FILE, COPY_META as META_FILE, images_dir, snapshots_dir
 from .volumes import VolumeStore
 
 META_VERSION = 1
-IMAGE_FILE = "image"
-META_FILE = "meta.json"
 
 #: (volume name, destination file, volume uuid): ask the daemon for a
 #: quiesced copy of an attached volume.  The CLI supplies it.
@@ -100,7 +99,7 @@ class CopyStore:
         assert kind in (SNAPSHOT, IMAGE)
         self.kind = kind
         self.home = Path(home)
-        self.dir = self.home / f"{kind}s"
+        self.dir = snapshots_dir(self.home) if kind == SNAPSHOT else images_dir(self.home)
         self.catalog = VolumeStore(self.home).catalog  # the one that adopts on first use
 
     def path(self, name: str) -> Path:

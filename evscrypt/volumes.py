@@ -1,4 +1,4 @@
-"""The volume store: named images under ``<home>/volumes``.
+"""The volume store: named images in the state directory (evscrypt.paths).
 
 It creates volumes (generating and wrapping the DK), lists and describes them,
 and deletes volumes that are not attached.  It is the one way to open a
@@ -34,6 +34,7 @@ from .image.engine import PLAINTEXT, Engine
 from .image.geometry import DEFAULT_DATA_OFFSET
 from .kms import KMSBackend, open_backend
 from .names import check_name
+from .paths import volume_image, volume_name, volumes_dir
 from .secret import Secret
 from . import tempentry
 
@@ -107,7 +108,7 @@ class OpenVolume(Opened):
 class VolumeStore:
     def __init__(self, home: Path):
         self.home = Path(home)
-        self.dir = self.home / "volumes"
+        self.dir = volumes_dir(self.home)
         self._backends: dict[str, KMSBackend] = {}
         self.catalog = Catalog(self.home, scan=self._scan)
 
@@ -117,7 +118,7 @@ class VolumeStore:
         return self._backends[name]
 
     def path(self, name: str) -> Path:
-        return self.dir / f"{check_name(name)}.img"
+        return volume_image(self.home, check_name(name))
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
@@ -125,20 +126,20 @@ class VolumeStore:
     def names(self) -> list[str]:
         """Volumes with an image, and catalog entries whose image is missing
         (listed, so that a deleted image does not go unnoticed)."""
-        files = set()
-        if self.dir.is_dir():
-            files = {p.name[:-4] for p in self.dir.iterdir() if p.name.endswith(".img") and not p.name.startswith(".")}
-        return sorted(files | set(self.catalog.names(VOLUME)))
+        return sorted({name for name, _ in self._images()} | set(self.catalog.names(VOLUME)))
+
+    def _images(self) -> list[tuple[str, Path]]:
+        """(name, path) of each volume image in the volumes directory."""
+        if not self.dir.is_dir():
+            return []
+        return [(name, p) for p in self.dir.iterdir() if (name := volume_name(p.name)) is not None]
 
     def _scan(self):
         """Every image already in the state directory, for the catalog's
         first use: (kind, name, header, name bound by its context)."""
         from .snapshots import images, snapshots  # snapshots imports this module
 
-        found = []
-        if self.dir.is_dir():
-            found += [(VOLUME, p.name[:-4], p) for p in self.dir.iterdir()
-                      if p.name.endswith(".img") and not p.name.startswith(".")]
+        found = [(VOLUME, name, p) for name, p in self._images()]
         for kind, copies in ((SNAPSHOT, snapshots(self.home)), (IMAGE, images(self.home))):
             found += [(kind, n, copies.image_path(n)) for n in copies.names()]
         for kind, name, path in found:

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import pytest
 
+from evscrypt.client import Client
+from evscrypt.paths import disks_dir, socket_path, volume_image
+
 #: The installed entry point of the project venv (same interpreter as pytest).
 EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
 #: Which data path each flavour of install runs (see evscrypt/daemon/datapath.py).
@@ -125,7 +128,7 @@ class Daemon:
         self.home.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(runtime) if runtime else Path(tempfile.mkdtemp(prefix="evs-", dir="/tmp"))
         self._own_runtime = runtime is None
-        self.mountpoint = self.runtime / "disks"
+        self.mountpoint = disks_dir(self.runtime)
         self.log_dir = Path(log_dir) if log_dir else self.runtime
         self.extra_args = tuple(extra_args)
         self.prefix = tuple(prefix)  # a command the daemon runs under (prlimit, setpriv)
@@ -229,6 +232,14 @@ class Daemon:
                                  f"stdout: {p.stdout}\nstderr: {p.stderr}\ndaemon log:\n{self.log}")
         return p
 
+    @property
+    def socket(self) -> Path:
+        return socket_path(self.runtime)
+
+    def client(self, timeout: float | None = None) -> Client:
+        """The daemon's control socket, in this process (no CLI start-up)."""
+        return Client(self.socket, timeout)
+
     def attach(self, name: str, *args: str) -> Path:
         return Path(self.cli("attach", name, *args).stdout.strip().splitlines()[0])
 
@@ -240,7 +251,7 @@ class Daemon:
         return self.mountpoint / name
 
     def image(self, name: str) -> Path:
-        return self.home / "volumes" / f"{name}.img"
+        return volume_image(self.home, name)
 
     # -- things a test sets up that teardown must undo -------------------------------
     def mount_dir(self, base: Path, name: str) -> Path:

@@ -275,7 +275,7 @@ def test_300_concurrent_status_clients(daemon):
         try:
             barrier.wait(30)
             # the CLI's own client code: what 300 `evscrypt status` would do
-            results[i] = client.Client(socket_path(daemon.runtime)).status()
+            results[i] = daemon.client().status()
         except BaseException as e:  # noqa: BLE001 - reported below
             results[i] = e
 

@@ -29,7 +29,6 @@ from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
     Daemon, both_pyfuse3, daemon, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of, needs_fio,
     pread_all, pwrite_all, read_direct, run_as, volume_status,
 )
-from evscrypt import client
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
 from evscrypt.errors import EvscryptError
 from evscrypt.paths import socket_path
@@ -268,9 +267,8 @@ def test_disk_belongs_to_the_attaching_user(make_daemon):
     d.cli("volume", "create", "roots", "--size", "1M")
     os.chown(d.image("mine"), uid, gid)
     d.start()
-    sock = socket_path(d.runtime)
 
-    r = run_as(uid, gid, lambda: client.Client(sock).attach("mine")["path"])
+    r = run_as(uid, gid, lambda: d.client().attach("mine")["path"])
     assert r == {"ok": str(d.disk("mine"))}, r
     st = os.stat(d.disk("mine"))
     assert st.st_uid == uid and stat.S_IMODE(st.st_mode) == 0o600
@@ -287,11 +285,11 @@ def test_disk_belongs_to_the_attaching_user(make_daemon):
     assert run_as(uid, gid, use_own_disk) == {"ok": "hello from nobody"}
     # another user's volume: the daemon refuses to attach it, and the kernel refuses
     # to open another user's 0600 disk file
-    r = run_as(uid, gid, lambda: client.Client(sock).attach("roots"))
+    r = run_as(uid, gid, lambda: d.client().attach("roots"))
     assert r["error"] == "PermissionDenied", r
     d.attach("roots")
     assert run_as(uid, gid, lambda: os.open(d.disk("roots"), os.O_RDONLY)) == {"errno": errno.EACCES}
-    r = run_as(uid, gid, lambda: client.Client(sock).detach("roots", force=True))
+    r = run_as(uid, gid, lambda: d.client().detach("roots", force=True))
     assert r["error"] == "PermissionDenied", r
     assert sorted(os.listdir(d.mountpoint)) == ["mine", "roots"]
     d.cli("detach", "mine")  # root may detach anyone's volume
@@ -468,7 +466,7 @@ def test_failed_mount_keeps_an_existing_attachment(daemon, tmp_path):
     # and one that fails before any loop device exists (the control protocol takes
     # any filesystem name; the CLI offers only ext4 and xfs)
     with pytest.raises(EvscryptError) as e:
-        client.Client(socket_path(daemon.runtime)).attach("vol", mount=str(mnt), mkfs="btrfs")
+        daemon.client().attach("vol", mount=str(mnt), mkfs="btrfs")
     assert type(e.value).__name__ == "InvalidArgument"
     assert not is_mounted(mnt)
     wait_for(lambda: loops_under(daemon.mountpoint) == [], what="loop device freed")

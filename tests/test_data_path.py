@@ -32,10 +32,8 @@ from copy_helpers import MiB, SECTOR, data_area, header_of, rand
 from daemon_fixture import (  # noqa: F401  (fixtures by name)
     daemon, make_daemon, needs_fio, pread_all, pwrite_all, read_direct, volume_status,
 )
-from evscrypt import client
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
 from evscrypt.daemon.ops import OFFLOAD_MIN
-from evscrypt.paths import socket_path
 from evscrypt.volumes import VolumeStore
 
 pytestmark = pytest.mark.fuse
@@ -84,7 +82,7 @@ def assert_image_matches(d, name: str, plain: bytes) -> None:
 
 def attached_status(d, name: str) -> dict:
     """The volume's status through the control socket (no CLI start-up)."""
-    for v in client.Client(socket_path(d.runtime)).status()["volumes"]:
+    for v in d.client().status()["volumes"]:
         if v["name"] == name:
             return v
     raise AssertionError(f"{name} is not attached")

@@ -20,6 +20,7 @@ from .. import tempentry
 from ..image import header as hdr
 from ..image.copy import read_chunks
 from ..offline import offline_or_daemon
+from ..paths import COPY_IMAGE, backup_scratch
 from ..snapshots import Online, copy_by_daemon
 from ..volumes import VolumeStore
 from .manifest import CHUNK_SIZE, Manifest, new_id
@@ -79,11 +80,11 @@ def backup_volume(volumes: VolumeStore, name: str, store: BackupStore, online: O
             return write_backup(store, op.fd, op.header, name, progress, known)
 
     def by_daemon() -> Result:
-        tmpdir = volumes.home / "snapshots"
-        tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with tempentry.held(tmpdir / f"backup-{name}", directory=True, mode=0o700) as (tmp, _):
+        scratch = backup_scratch(volumes.home, name)
+        scratch.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempentry.held(scratch, directory=True, mode=0o700) as (tmp, _):
             try:
-                image = tmp / "image"
+                image = tmp / COPY_IMAGE
                 h, _ = copy_by_daemon(volumes, name, image, online)
                 fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
                 try:

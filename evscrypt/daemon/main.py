@@ -29,7 +29,7 @@ import trio
 from .. import client, tempentry
 from ..crypto import backend
 from ..errors import Busy, DaemonUnavailable, EvscryptError, MemoryProtectionError
-from ..paths import socket_path
+from ..paths import disks_dir, socket_path
 from ..secret import lock_all_memory, set_nondumpable
 from ..volumes import VolumeStore
 from . import datapath, loopmount
@@ -147,7 +147,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     dp, xts = datapath.probe(), backend.describe(backend.choose())
     log.info("data path: %s; XTS: %s", dp.describe(), xts)
     runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
-    mountpoint = Path(mountpoint or runtime / "disks")
+    mountpoint = Path(mountpoint or disks_dir(runtime))
     sock = socket_path(runtime)
     try:
         client.Client(sock).ping()
