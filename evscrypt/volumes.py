@@ -167,6 +167,17 @@ class VolumeStore:
         except OSError as e:
             raise storage_error(e, f"cannot open volume {name!r}")
 
+    def _open_locked(self, name: str) -> tuple[Path, int]:
+        """The image open read-write under its exclusive attach lock (Busy
+        while it is attached); closing the fd releases the lock."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return path, fd
+
     @staticmethod
     def _load(name: str, path: Path, fd: int) -> hdr.Loaded:
         try:
@@ -197,13 +208,7 @@ class VolumeStore:
         """The open image under its exclusive attach lock (Busy while it is
         attached), its header read under the lock and checked, for offline
         copies and header changes."""
-        path, fd = self._open_fd(name, True)
-        try:
-            lock_exclusive(fd, name)
-        except BaseException:
-            os.close(fd)
-            raise
-        op = self._opened(name, path, fd)
+        op = self._opened(name, *self._open_locked(name))
         try:
             yield op
         finally:
@@ -218,13 +223,7 @@ class VolumeStore:
         and key and verify the header MAC, build the cipher.  The caller
         closes the result (which wipes the keys and releases the lock).
         ``repair`` rewrites a damaged header copy."""
-        path, fd = self._open_fd(name, True)
-        try:
-            lock_exclusive(fd, name)
-        except BaseException:
-            os.close(fd)
-            raise
-        op = self._opened(name, path, fd, OpenVolume)
+        op = self._opened(name, *self._open_locked(name), OpenVolume)
         try:
             op.owner = os.fstat(op.fd).st_uid
             if uid != 0 and uid != op.owner:
@@ -282,9 +281,8 @@ class VolumeStore:
         catalog, not the image, says which header may go in, so this works
         when both copies in the image are destroyed and still never accepts
         another volume's header."""
-        path, fd = self._open_fd(name, True)
+        _, fd = self._open_locked(name)
         try:
-            lock_exclusive(fd, name)
             return headerfile.restore(fd, src, self.catalog.require(VOLUME, name), f"volume {name!r}")
         finally:
             os.close(fd)
@@ -302,9 +300,8 @@ class VolumeStore:
     def adopt(self, name: str, expected: Entry) -> Entry:
         """Record volume ``name``'s image in the catalog as it is now, if it
         still says ``expected`` (what the user was shown), under its lock."""
-        path, fd = self._open_fd(name, True)
+        path, fd = self._open_locked(name)
         try:
-            lock_exclusive(fd, name)
             entry = Entry.of(self._load(name, path, fd).header, name)
             if entry != expected:
                 raise Busy(f"volume {name!r} changed while it was being adopted; nothing was recorded")

@@ -26,7 +26,6 @@ it runs the data path its venv should give.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import signal
@@ -39,6 +38,8 @@ from pathlib import Path
 import pytest
 
 from evscrypt.client import Client
+# the daemon's own view of mounts and loop devices, re-exported under the names the tests use
+from evscrypt.daemon.loopmount import is_mountpoint as is_mounted, loops_backing as loops_under, mounts_of  # noqa: F401
 from evscrypt.paths import disks_dir, socket_path, volume_image
 
 #: The installed entry point of the project venv (same interpreter as pytest).
@@ -74,41 +75,6 @@ def loop_skip_reason() -> str | None:
     if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
         return "losetup or mkfs.ext4 is not installed"
     return None
-
-
-def is_mounted(path: str | Path) -> bool:
-    """True if ``path`` is a mount point (by /proc/self/mounts: works on a dead FUSE mount)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].replace("\\040", " ") == target:
-                return True
-    return False
-
-
-def mounts_of(device: str) -> list[str]:
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == device:
-                out.append(fields[1].replace("\\040", " "))
-    return out
-
-
-def loops_under(path: str | Path) -> list[str]:
-    """Loop devices whose backing file is ``path`` or lies under it."""
-    prefix = str(path).rstrip("/") + "/"
-    found = []
-    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            backing = Path(bf).read_text().strip()
-        except OSError:
-            continue
-        if backing == str(path) or backing.startswith(prefix):
-            found.append("/dev/" + bf.split("/")[3])
-    return sorted(found)
 
 
 def _quiet(*cmd: str) -> None:
