@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -209,6 +210,11 @@ class Daemon:
     def attach(self, name: str, *args: str) -> Path:
         return Path(self.cli("attach", name, *args).stdout.strip().splitlines()[0])
 
+    def attach_new(self, name: str, size: str) -> Path:
+        """Create volume ``name`` of ``size`` (as `volume create --size` takes it) and attach it."""
+        self.cli("volume", "create", name, "--size", size)
+        return self.attach(name)
+
     def status(self) -> dict:
         import json
         return json.loads(self.cli("status", "--json").stdout)
@@ -319,6 +325,37 @@ def pwrite_all(fd: int, data, off: int) -> None:
         n = os.pwrite(fd, mv, off)
         assert n > 0
         mv, off = mv[n:], off + n
+
+
+def write_at(path, off: int, data) -> None:
+    """Write ``data`` at ``off`` into the file ``path`` (a disk, an image) and fsync it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        pwrite_all(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rand(n: int, seed) -> bytes:
+    """``n`` reproducible random bytes for ``seed``."""
+    return random.Random(repr(seed)).randbytes(n)
+
+
+def expect_fail(d: Daemon, code: int, *args, match: str | None = None, alone: bool = False) -> str:
+    """Run a CLI command that must fail with exit ``code``: one error line on
+    stderr (``alone``: and nothing else there), nothing on stdout, no
+    traceback.  Returns the error line."""
+    p = d.cli(*args, check=False)
+    assert p.returncode == code, (f"evscrypt {' '.join(map(str, args))}: expected exit {code}, got {p.returncode}\n"
+                                  f"stdout: {p.stdout}\nstderr: {p.stderr}\ndaemon log:\n{d.log[-4000:]}")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("evscrypt: error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert not alone or p.stderr == errors[0] + "\n", p.stderr
+    assert p.stdout == "", p.stdout
+    if match:
+        assert match in errors[0], errors[0]
+    return errors[0]
 
 
 def read_direct(path, off: int, length: int) -> bytes:
