@@ -516,18 +516,14 @@ class VolumeStore:
     def delete(self, name: str) -> None:
         """Delete a detached volume; a damaged header does not prevent it,
         nor does a missing image (its catalog entry goes)."""
-        path = self.path(name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+            path, fd = self._open_locked(name)
+        except NotFound:  # no image
             if self.catalog.get(VOLUME, name) is None:
-                raise NotFound(f"volume {name!r} not found")
+                raise
             self.catalog.remove(VOLUME, name)
             return
-        except OSError as e:
-            raise storage_error(e, f"cannot open volume {name!r}")
         try:
-            lock_exclusive(fd, name)
             os.unlink(path)
             fsync_dir(self.dir)
         finally:

@@ -310,6 +310,19 @@ def test_busy_volume_cannot_be_deleted(cli, home):
     cli.ok("volume", "delete", "v")
 
 
+def test_volume_whose_image_is_gone(cli, home):
+    """An image removed behind evscrypt's back: its catalog entry still lists
+    the volume, says what is missing, and `volume delete` removes the entry."""
+    cli.ok("volume", "create", "v", "--size", "1M")
+    (home / "volumes" / "v.img").unlink()
+    [listed] = cli.json("volume", "list")
+    assert listed["name"] == "v" and "its image" in listed["error"] and "is missing" in listed["error"]
+    cli.fails(errors.NotFound, "volume", "info", "v", match="volume 'v' is in the catalog but its image")
+    assert cli.ok("volume", "delete", "v") == "deleted volume v\n"
+    assert cli.json("volume", "list") == []
+    cli.fails(errors.NotFound, "volume", "delete", "v", match="volume 'v' not found")
+
+
 def test_exit_codes_are_distinct():
     classes = errors.error_classes()
     assert {"EvscryptError", "InvalidArgument", "FormatError", "UnsupportedFeature", "KeyStateError",
