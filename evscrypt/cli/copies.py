@@ -13,13 +13,14 @@ from ..snapshots import CopyStore
 from .common import Env, daemon_snapshot, emit_json, human_size, pass_env, progress_bar, table
 
 
-def show_copies(items: list[dict], as_json: bool, what: str) -> None:
-    """The listing of `snapshot list` and `image list`."""
+def show_copies(copies: CopyStore, as_json: bool, volume: str | None = None) -> None:
+    """`snapshot list` and `image list`: the copies (of ``volume`` only, if given)."""
+    items = copies.list(volume)
     if as_json:
         emit_json(items)
         return
     if not items:
-        click.echo(f"no {what}s")
+        click.echo(f"no {copies.kind}s")
         return
     rows = []
     for d in items:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from .. import clone
+from ..catalog import IMAGE
 from ..kms import BACKENDS
 from ..snapshots import images
 from .common import Env, encryption_wanted, human_size, long_operation, pass_env, progress_bar
@@ -64,7 +65,7 @@ def copy(env: Env, src, dst, encrypt, no_encrypt, kms, key):
 @pass_env
 def list_(env: Env, as_json):
     """List images."""
-    show_copies(images(env.home).list(), as_json, "image")
+    show_copies(images(env.home), as_json)
 
 
 @image.command()
@@ -83,4 +84,4 @@ def export(env: Env, name, dest):
     click.echo(f"exported image {name} to {os.fspath(out)} ({human_size(meta['size'])}, raw)")
 
 
-add_info_and_delete(image, "image", images)
+add_info_and_delete(image, IMAGE, images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..catalog import SNAPSHOT
 from ..snapshots import snapshots
 from .common import Env, long_operation, pass_env
 from .copies import add_info_and_delete, show_copies, take_copy
@@ -30,7 +31,7 @@ def create(env: Env, volume, name):
 @pass_env
 def list_(env: Env, volume, as_json):
     """List snapshots (of VOLUME only, if given)."""
-    show_copies(snapshots(env.home).list(volume), as_json, "snapshot")
+    show_copies(snapshots(env.home), as_json, volume)
 
 
-add_info_and_delete(snapshot, "snapshot", snapshots)
+add_info_and_delete(snapshot, SNAPSHOT, snapshots)
