@@ -528,10 +528,11 @@ class Bench:
                 raise RuntimeError(f"evscrypt daemon exited ({self.evs_daemon.returncode})")
             return
         from evscrypt import client
+        from evscrypt.paths import disks_dir, socket_path
         p, logf = self.spawn(st, [self.evs_exe, "daemon"], "evscrypt-daemon.log", env=self.evs_env)
         self.evs_daemon, self.evs_log = p, logf
-        mnt = self.runtime / "disks"
-        sock = self.runtime / "control.sock"
+        mnt = disks_dir(self.runtime)
+        sock = socket_path(self.runtime)
 
         def stop():
             # SIGTERM: the daemon detaches everything (flush, wipe keys) and unmounts
@@ -541,7 +542,7 @@ class Bench:
 
         def pong():
             try:
-                self.evs_pid = client.call(sock, "ping", timeout=5)["pid"]
+                self.evs_pid = client.Client(sock).ping()["pid"]
                 return True
             except Exception:
                 return False
@@ -660,9 +661,10 @@ class Bench:
     # -- evscrypt control plane ----------------------------------------------------
     def evscrypt_meta(self) -> dict:
         from evscrypt import client
+        from evscrypt.paths import socket_path
         st = self.systems["evscrypt"]
         self.start_evscrypt_daemon(st)
-        sock = self.runtime / "control.sock"
+        ctl = client.Client(socket_path(self.runtime))
         pid = self.evs_pid
         out: dict = {"daemon_pid": pid}
         time.sleep(0.5)
@@ -688,9 +690,9 @@ class Bench:
             d_cli.append((t2 - t1) * 1e3)
         for _ in range(ATTACH_CYCLES):
             t0 = time.perf_counter()
-            client.call(sock, "attach", name="att")
+            ctl.attach("att")
             t1 = time.perf_counter()
-            client.call(sock, "detach", name="att")
+            ctl.detach("att")
             t2 = time.perf_counter()
             a_sock.append((t1 - t0) * 1e3)
             d_sock.append((t2 - t1) * 1e3)
@@ -701,16 +703,16 @@ class Bench:
         names = [f"rss{i:02d}" for i in range(RSS_VOLUMES)]
         for n in names:
             self.evs(None, "volume", "create", n, "--size", "1T")
-        client.call(sock, "attach", name=names[0])
+        ctl.attach(names[0])
         time.sleep(0.3)
         out["rss_1x1tib_kib"] = proc_status(pid)["VmRSS"]
         for n in names[1:]:
-            client.call(sock, "attach", name=n)
+            ctl.attach(n)
         time.sleep(0.3)
         out["rss_32x1tib_kib"] = proc_status(pid)["VmRSS"]
-        out["attached_bytes"] = sum(v["size"] for v in client.call(sock, "status")["volumes"])
+        out["attached_bytes"] = sum(v["size"] for v in ctl.status()["volumes"])
         for n in names:
-            client.call(sock, "detach", name=n)
+            ctl.detach(n)
         time.sleep(0.3)
         out["rss_after_detach_kib"] = proc_status(pid)["VmRSS"]
         # the first attach also loads code (one-off); the marginal cost is from volume 2 to 32

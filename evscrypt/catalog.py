@@ -29,12 +29,11 @@ from typing import Callable, Iterator
 
 from .errors import FormatError, IntegrityError, StorageError
 from .fsutil import locked_file, write_atomic
+from .paths import CATALOG_FILE as FILE, CATALOG_LOCK as LOCK  # in the state directory
 
 log = logging.getLogger("evscrypt.catalog")
 
 VERSION = 1
-FILE = "catalog.json"
-LOCK = ".catalog.lock"
 #: Sections of the catalog, by the kind of image they describe.
 VOLUME, SNAPSHOT, IMAGE = "volume", "snapshot", "image"
 KINDS = (VOLUME, SNAPSHOT, IMAGE)

@@ -1,4 +1,8 @@
-"""The CLI's side of the control socket: one request, one response."""
+"""The CLI's side of the control socket: one request, one response.
+
+:class:`Client` has one typed method per operation of evscrypt.protocol,
+so callers never spell an operation's name or its arguments themselves.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,6 @@ import time
 
 from . import protocol
 from .errors import DaemonUnavailable, ProtocolError
-
-#: Attach may wait for a KMS (bounded by the backend) and a mkfs; status is fast.
-DEFAULT_TIMEOUT = 600.0
 
 
 def _connect(s: socket.socket, sock_path: str | os.PathLike, timeout: float) -> None:
@@ -29,59 +30,95 @@ def _connect(s: socket.socket, sock_path: str | os.PathLike, timeout: float) -> 
             delay = min(delay * 2, 0.5)
 
 
-def call(sock_path: str | os.PathLike, op: str, timeout: float = DEFAULT_TIMEOUT, **args):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
+class Client:
+    """The daemon listening on ``sock_path``.  ``timeout`` (seconds) replaces
+    each operation's own bound on the wait for its answer."""
+
+    def __init__(self, sock_path: str | os.PathLike, timeout: float | None = None):
+        self.path = sock_path
+        self.timeout = timeout
+
+    # -- the operations ----------------------------------------------------------
+    def ping(self) -> dict:
+        """{"pong": true, "pid": the daemon's pid as it sees it}."""
+        return self.call(protocol.PING)
+
+    def status(self) -> dict:
+        return self.call(protocol.STATUS)
+
+    def attach(self, name: str, mount: str | None = None, mkfs: str | None = None) -> dict:
+        return self.call(protocol.ATTACH, name=name, mount=mount, mkfs=mkfs)
+
+    def detach(self, name: str, force: bool = False) -> dict:
+        return self.call(protocol.DETACH, name=name, force=force)
+
+    def snapshot(self, name: str, dest: str, uuid: str) -> dict:
+        """A quiesced copy of attached volume ``name`` (whose uuid is
+        ``uuid``) into the new file ``dest``, an absolute path."""
+        return self.call(protocol.SNAPSHOT, name=name, dest=dest, uuid=uuid)
+
+    def resize(self, name: str, size: int) -> dict:
+        return self.call(protocol.RESIZE, name=name, size=size)
+
+    def stop(self, force: bool = False) -> dict:
+        return self.call(protocol.STOP, force=force)
+
+    # -- the wire ------------------------------------------------------------------
+    def _open(self, timeout: float) -> socket.socket:
+        """A socket connected to the daemon, or DaemonUnavailable."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
         try:
-            _connect(s, sock_path, timeout)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {sock_path})")
-        except PermissionError:
-            raise DaemonUnavailable(f"permission denied on {sock_path}")
+            _connect(s, self.path, timeout)
+        except BaseException as e:
+            s.close()
+            if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {self.path})")
+            if isinstance(e, PermissionError):
+                raise DaemonUnavailable(f"permission denied on {self.path}")
+            raise
+        return s
+
+    def call(self, op: protocol.Op, **args):
+        """Send one request of ``op`` and return its result, or raise the
+        error the daemon answered with as its own class."""
+        timeout = op.timeout if self.timeout is None else self.timeout
+        s = self._open(timeout)
         try:
-            s.sendall(protocol.encode(protocol.request(op, **args)))
-            buf = bytearray()
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > protocol.MAX_MESSAGE:
-                    raise ProtocolError("daemon response too large")
-        except socket.timeout:
-            raise DaemonUnavailable(f"the evscrypt daemon did not answer within {timeout:.0f} s")
-        except OSError as e:
-            raise DaemonUnavailable(f"lost the connection to the daemon: {e.strerror or e}")
-    finally:
-        s.close()
-    if not buf:
-        raise DaemonUnavailable("the evscrypt daemon closed the connection without answering")
-    resp = protocol.decode(bytes(buf))
-    if not resp.get("ok"):
-        protocol.raise_error(resp)
-    return resp.get("result")
+            try:
+                s.sendall(protocol.encode(op.request(**args)))
+                buf = bytearray()
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > protocol.MAX_MESSAGE:
+                        raise ProtocolError("daemon response too large")
+            except socket.timeout:
+                raise DaemonUnavailable(f"the evscrypt daemon did not answer within {timeout:.0f} s")
+            except OSError as e:
+                raise DaemonUnavailable(f"lost the connection to the daemon: {e.strerror or e}")
+        finally:
+            s.close()
+        if not buf:
+            raise DaemonUnavailable("the evscrypt daemon closed the connection without answering")
+        resp = protocol.decode(bytes(buf))
+        if not resp.get("ok"):
+            protocol.raise_error(resp)
+        return resp.get("result")
 
+    def daemon_pid(self) -> int:
+        """The daemon's pid as this process sees it: SO_PEERCRED of the control
+        socket, which the kernel translates across pid namespaces."""
+        import struct
 
-
-def daemon_pid(sock_path: str | os.PathLike, timeout: float = 30.0) -> int:
-    """The daemon's pid as this process sees it: SO_PEERCRED of the control
-    socket, which the kernel translates across pid namespaces."""
-    import struct
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
+        s = self._open(30.0 if self.timeout is None else self.timeout)
         try:
-            _connect(s, sock_path, timeout)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise DaemonUnavailable(f"the evscrypt daemon is not running (no socket at {sock_path})")
-        except PermissionError:
-            raise DaemonUnavailable(f"permission denied on {sock_path}")
-        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", raw)[0]
-    finally:
-        s.close()
+            raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return struct.unpack("3i", raw)[0]
+        finally:
+            s.close()
 
 
 def pidfd(pid: int) -> int | None:
@@ -93,7 +130,7 @@ def pidfd(pid: int) -> int | None:
         return None
 
 
-def wait_exit(pid: int, fd: int | None, timeout: float = DEFAULT_TIMEOUT) -> bool:
+def wait_exit(pid: int, fd: int | None, timeout: float = protocol.DEFAULT_TIMEOUT) -> bool:
     """Wait until process ``pid`` (with pidfd ``fd``, which is closed) has
     exited; False if it is still there after ``timeout``.  The pidfd wakes
     us at the exit itself; without one, /proc is looked at now and then."""

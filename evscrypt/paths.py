@@ -1,9 +1,24 @@
-"""Where evscrypt keeps its state and its runtime files.
+"""Where evscrypt keeps its state and its runtime files: the one place that says so.
 
 State (images, keystore): ``--home`` or ``EVSCRYPT_HOME``; by default
-``/var/lib/evscrypt`` for root and ``~/.local/share/evscrypt`` otherwise.
+``/var/lib/evscrypt`` for root and ``~/.local/share/evscrypt`` otherwise::
+
+    <home>/catalog.json          what each image must be (evscrypt.catalog),
+    <home>/.catalog.lock         changed under this lock
+    <home>/volumes/NAME.img      a volume's image (evscrypt.volumes)
+    <home>/snapshots/NAME/       a snapshot: image, meta.json (evscrypt.snapshots)
+    <home>/images/NAME/          an image: image, meta.json
+    <home>/kms/local/            the local KMS's keystore (evscrypt.kms.local)
+
+A volume, snapshot or image is built under a hidden temporary name in its
+area and renamed into place when complete (evscrypt.tempentry); the backup
+of an attached volume copies it into a hidden entry in ``snapshots/`` first.
+
 Runtime (control socket, FUSE mount): ``EVSCRYPT_RUNTIME_DIR``; by default
-``/run/evscrypt`` for root and ``$XDG_RUNTIME_DIR/evscrypt`` otherwise.
+``/run/evscrypt`` for root and ``$XDG_RUNTIME_DIR/evscrypt`` otherwise::
+
+    <runtime>/control.sock       the daemon's control socket
+    <runtime>/disks/NAME         an attached volume's disk file (FUSE)
 """
 
 from __future__ import annotations
@@ -48,8 +63,8 @@ def default_runtime_dir():
     return Path(runtime_dir_name())
 
 
-#: The control socket's name inside the runtime directory.
-SOCKET_NAME = "control.sock"
+#: The control socket's name inside the runtime directory, and the FUSE mount's.
+SOCKET_NAME, DISKS_NAME = "control.sock", "disks"
 
 
 def socket_path(runtime):
@@ -64,5 +79,55 @@ def socket_name(runtime: str) -> str:
 
 
 def disks_dir(runtime):
-    """The FUSE mount point in ``runtime`` (a pathlib.Path)."""
-    return runtime / "disks"
+    """The FUSE mount point in ``runtime`` (a pathlib.Path): the attached disks."""
+    return runtime / DISKS_NAME
+
+
+# -- the state directory ---------------------------------------------------------------
+# Each function takes the state directory (a pathlib.Path) and returns one.
+
+VOLUMES, SNAPSHOTS, IMAGES = "volumes", "snapshots", "images"
+#: The areas of the state directory where entries are built under temporary names.
+TEMP_AREAS = (VOLUMES, SNAPSHOTS, IMAGES)
+VOLUME_SUFFIX = ".img"
+#: The files of a snapshot's or an image's directory: the copied image and what it is.
+COPY_IMAGE, COPY_META = "image", "meta.json"
+#: The catalog's file and its lock file, in the state directory itself.
+CATALOG_FILE, CATALOG_LOCK = "catalog.json", ".catalog.lock"
+
+
+def volumes_dir(home):
+    return home / VOLUMES
+
+
+def volume_image(home, name: str):
+    """Volume ``name``'s image (the name is checked by the caller: evscrypt.names)."""
+    return volumes_dir(home) / (name + VOLUME_SUFFIX)
+
+
+def volume_name(filename: str) -> str | None:
+    """The volume whose image is called ``filename`` in the volumes directory;
+    None for anything else there (hidden files, temporary entries)."""
+    if filename.endswith(VOLUME_SUFFIX) and not filename.startswith("."):
+        return filename[:-len(VOLUME_SUFFIX)]
+    return None
+
+
+def snapshots_dir(home):
+    return home / SNAPSHOTS
+
+
+def images_dir(home):
+    return home / IMAGES
+
+
+def backup_scratch(home, volume: str):
+    """Where a backup of attached volume ``volume`` has the daemon copy it
+    first: the name a hidden temporary directory is made next to (a sibling
+    of the snapshots, so the copy can be a reflink of the volume's image)."""
+    return snapshots_dir(home) / f"backup-{volume}"
+
+
+def kms_dir(home, backend: str):
+    """The state of KMS backend ``backend`` that keeps any here (the local one)."""
+    return home / "kms" / backend

@@ -7,6 +7,11 @@ of at most MAX_MESSAGE bytes:
     response: {"v": 1, "ok": true, "result": {...}}
               {"v": 1, "ok": false, "error": {"type": "Busy", "message": "...", "details": {...}}}
 
+The operations and their arguments are the table :data:`OPS`: the client
+builds its requests from it (evscrypt.client) and the daemon checks them
+against it before it calls an operation's handler (evscrypt.daemon.control).
+An operation's name appears nowhere else.
+
 The error type is the name of a class in evscrypt.errors, so the client
 re-raises the same class and the CLI prints the same exit code as it would
 for a local error.  ``details`` (optional) carries an error's structured
@@ -21,7 +26,65 @@ from .errors import EvscryptError, ProtocolError, error_classes
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
-OPS = ("ping", "status", "attach", "detach", "snapshot", "resize", "stop")
+#: How long a client waits for an answer, unless the operation says
+#: otherwise: an attach may wait for a KMS (bounded by the backend) and a mkfs.
+DEFAULT_TIMEOUT = 600.0
+
+
+class Arg:
+    """One argument of an operation: its name, its JSON type, and whether it
+    must be given (a null counts as not given; the default then stands)."""
+
+    __slots__ = ("name", "type", "required", "default")
+
+    def __init__(self, name: str, type_: type, required: bool = False, default=None):
+        self.name, self.type, self.required, self.default = name, type_, required, default
+
+    def check(self, op: str, args: dict):
+        v = args.get(self.name)
+        if v is None:
+            if self.required:
+                raise ProtocolError(f"{op}: missing argument {self.name!r}")
+            return self.default
+        # JSON true is no number: bool is a subclass of int only in Python
+        if not isinstance(v, self.type) or (self.type is not bool and isinstance(v, bool)):
+            raise ProtocolError(f"{op}: argument {self.name!r} has the wrong type")
+        return v
+
+
+class Op:
+    """One operation: its name on the wire, its arguments (checked in this
+    order; others are ignored) and how long a client waits for its answer."""
+
+    __slots__ = ("name", "args", "timeout")
+
+    def __init__(self, name: str, *args: Arg, timeout: float = DEFAULT_TIMEOUT):
+        self.name, self.args, self.timeout = name, args, timeout
+
+    def __repr__(self) -> str:
+        return f"<Op {self.name}>"
+
+    def request(self, **args) -> dict:
+        return {"v": VERSION, "op": self.name, "args": args}
+
+    def parse(self, args: dict) -> dict:
+        """The arguments as the handler takes them: checked, defaults filled in."""
+        return {a.name: a.check(self.name, args) for a in self.args}
+
+
+PING = Op("ping", timeout=5.0)  # is a daemon up? (the daemon asks it at start)
+STATUS = Op("status", timeout=60.0)
+ATTACH = Op("attach", Arg("name", str, required=True), Arg("mount", str), Arg("mkfs", str))
+DETACH = Op("detach", Arg("name", str, required=True), Arg("force", bool, default=False))
+#: A quiesced copy of an attached volume can take a while on a filesystem
+#: without reflinks; the daemon stops by itself if the CLI goes away.
+SNAPSHOT = Op("snapshot", Arg("name", str, required=True), Arg("dest", str, required=True), Arg("uuid", str),
+              timeout=6 * 3600.0)
+RESIZE = Op("resize", Arg("size", int, required=True), Arg("name", str, required=True))
+STOP = Op("stop", Arg("force", bool, default=False))
+
+#: Every operation, by its name on the wire.
+OPS = {op.name: op for op in (PING, STATUS, ATTACH, DETACH, SNAPSHOT, RESIZE, STOP)}
 
 
 def encode(obj: dict) -> bytes:
@@ -45,17 +108,15 @@ def decode(line: bytes) -> dict:
     return obj
 
 
-def request(op: str, **args) -> dict:
-    return {"v": VERSION, "op": op, "args": args}
-
-
-def parse_request(obj: dict) -> tuple[str, dict]:
-    op, args = obj.get("op"), obj.get("args", {})
-    if op not in OPS:
-        raise ProtocolError(f"unknown operation {op!r}")
+def parse_request(obj: dict) -> tuple[Op, dict]:
+    """The operation a request names and its checked arguments."""
+    name, args = obj.get("op"), obj.get("args", {})
+    op = OPS.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise ProtocolError(f"unknown operation {name!r}")
     if not isinstance(args, dict):
         raise ProtocolError("'args' must be an object")
-    return op, args
+    return op, op.parse(args)
 
 
 def ok(result) -> dict:

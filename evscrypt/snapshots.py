@@ -1,7 +1,7 @@
 """Snapshots and images: point-in-time copies of a volume in the state directory.
 
 A snapshot lives in ``<home>/snapshots/NAME/`` and an image in
-``<home>/images/NAME/``.  Each directory holds ``image``, a byte copy of the
+``<home>/images/NAME/`` (evscrypt.paths).  Each directory holds ``image``, a byte copy of the
 volume's backing image (the header with its wrapped DK, then the data area
 as stored: ciphertext, holes kept, a reflink where the filesystem can), and
 ``meta.json``.  Being a copy of the header and the ciphertext, it keeps the
@@ -12,10 +12,11 @@ when complete, so an interrupted create leaves nothing a listing would show;
 the directory is locked while it is built, so `evscrypt gc` can tell the
 one a kill -9 left behind from one still being built (evscrypt.tempentry).
 
-Taking the copy (:func:`capture`): a detached volume is copied here under its
-exclusive attach lock, so no attach can race it; an attached volume is copied
-by the daemon, which holds new writes and drains the running ones while it
-copies, so the copy is crash-consistent.
+Taking the copy (:func:`capture`, through evscrypt.offline): a detached
+volume is copied here under its exclusive attach lock, so no attach can race
+it; an attached volume is copied by the daemon (:func:`copy_by_daemon`),
+which holds new writes and drains the running ones while it copies, so the
+copy is crash-consistent.
 """
 
 from __future__ import annotations
@@ -29,69 +30,66 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import IMAGE, SNAPSHOT, VOLUME, Entry
-from .errors import AlreadyExists, Busy, EncryptionRuleError, EvscryptError, FormatError, NotFound
+from .errors import AlreadyExists, EncryptionRuleError, EvscryptError, FormatError, NotFound
 from .fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from .image import header as hdr
 from .image.backing import storage_error
 from .image.copy import sparse_copy
 from . import tempentry
 from .names import check_name
+from .offline import offline_or_daemon
+from .paths import COPY_IMAGE as IMAGE_FILE, COPY_META as META_FILE, images_dir, snapshots_dir
 from .volumes import VolumeStore
 
 META_VERSION = 1
-IMAGE_FILE = "image"
-META_FILE = "meta.json"
 
 #: (volume name, destination file, volume uuid): ask the daemon for a
 #: quiesced copy of an attached volume.  The CLI supplies it.
 Online = Callable[[str, Path, str], None]
 Progress = Callable[[int], None]
 
-#: A volume may be detached (or attached) between our lock attempt and the
-#: daemon's answer; try the other way this many times.
-_CAPTURE_ATTEMPTS = 3
-
-
 def capture(store: VolumeStore, name: str, dest: Path, online: Online | None,
             progress: Progress | None = None) -> tuple[hdr.Header, Entry]:
     """Copy volume ``name``'s image into the new file ``dest`` at one point in
     time; return the header that was copied, checked against the volume's
     catalog entry, and that entry."""
-    for _ in range(_CAPTURE_ATTEMPTS):
-        try:
-            with store.locked(name) as op:
-                try:
-                    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                except OSError as e:
-                    raise storage_error(e, f"cannot create {dest}")
-                try:
-                    sparse_copy(op.fd, fd, progress=progress)
-                    os.fsync(fd)
-                except OSError as e:
-                    raise storage_error(e, f"cannot copy volume {name!r}")
-                finally:
-                    os.close(fd)
-                return op.header, op.entry
-        except Busy:
-            if online is None:
-                raise
-        entry = store.catalog.require(VOLUME, name)
-        uuid = store.header(name).uuid
-        try:
-            online(name, dest, uuid)
-        except NotFound:
-            # detached since we tried the lock: copy it here next time round
-            if dest.exists():
-                dest.unlink()
-            continue
-        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            h = hdr.load(fd, str(dest)).header
-        finally:
-            os.close(fd)
-        entry.check(h, f"the copy of volume {name!r}", done="nothing was kept")
-        return h, entry
-    raise Busy(f"volume {name!r} is locked, but not by this host's daemon; try again later")
+    def offline() -> tuple[hdr.Header, Entry]:
+        with store.locked(name) as op:
+            try:
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise storage_error(e, f"cannot create {dest}")
+            try:
+                sparse_copy(op.fd, fd, progress=progress)
+                os.fsync(fd)
+            except OSError as e:
+                raise storage_error(e, f"cannot copy volume {name!r}")
+            finally:
+                os.close(fd)
+            return op.header, op.entry
+
+    return offline_or_daemon(name, offline,
+                             None if online is None else lambda: copy_by_daemon(store, name, dest, online))
+
+
+def copy_by_daemon(store: VolumeStore, name: str, dest: Path, online: Online) -> tuple[hdr.Header, Entry]:
+    """:func:`capture` of an attached volume: the daemon copies it into
+    ``dest``.  NotFound if it is not attached (any more); ``dest`` is then gone."""
+    entry = store.catalog.require(VOLUME, name)
+    uuid = store.header(name).uuid
+    try:
+        online(name, dest, uuid)
+    except NotFound:
+        if dest.exists():
+            dest.unlink()
+        raise
+    fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        h = hdr.load(fd, str(dest)).header
+    finally:
+        os.close(fd)
+    entry.check(h, f"the copy of volume {name!r}", done="nothing was kept")
+    return h, entry
 
 
 class CopyStore:
@@ -101,7 +99,7 @@ class CopyStore:
         assert kind in (SNAPSHOT, IMAGE)
         self.kind = kind
         self.home = Path(home)
-        self.dir = self.home / f"{kind}s"
+        self.dir = snapshots_dir(self.home) if kind == SNAPSHOT else images_dir(self.home)
         self.catalog = VolumeStore(self.home).catalog  # the one that adopts on first use
 
     def path(self, name: str) -> Path:

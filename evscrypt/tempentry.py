@@ -29,6 +29,7 @@ from typing import Iterator
 
 from .errors import StorageError
 from .fsutil import temp_name
+from .paths import TEMP_AREAS
 
 #: What :func:`evscrypt.fsutil.temp_name` makes: ``.NAME.TAG-XXXXXXXX``; the
 #: tags used in the state directory are "tmp" (being built) and "deleting"
@@ -36,8 +37,6 @@ from .fsutil import temp_name
 TEMP = re.compile(r"\..+\.(?:tmp|deleting)-[0-9a-f]{8}")
 #: Volumes were once built as ``.NAME.img.XXXXXXXX.tmp``, unlocked.
 LEGACY = re.compile(r"\..+\.img\.[0-9a-f]{8}\.tmp")
-#: The state directory's areas that hold temporary entries.
-AREAS = ("volumes", "snapshots", "images")
 #: A collector that wins every race this many times in a row is not a race.
 _ATTEMPTS = 16
 
@@ -129,7 +128,7 @@ def collect(home: Path) -> Collected:
     """Remove the temporary entries under ``home`` that no running operation
     holds.  Never follows a symlink; reports what it could not remove."""
     out = Collected()
-    for area in AREAS:
+    for area in TEMP_AREAS:
         d = Path(home) / area
         try:
             names = sorted(os.listdir(d))

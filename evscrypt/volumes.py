@@ -1,4 +1,4 @@
-"""The volume store: named images under ``<home>/volumes``.
+"""The volume store: named images in the state directory (evscrypt.paths).
 
 It creates volumes (generating and wrapping the DK), lists and describes them,
 and deletes volumes that are not attached.  It is the one way to open a
@@ -34,6 +34,7 @@ from .image.backing import is_locked, lock_exclusive, storage_error
 from .image.engine import PLAINTEXT, Engine
 from .kms import KMSBackend, open_backend
 from .names import check_name
+from .paths import volume_image, volume_name, volumes_dir
 from .secret import Secret
 from . import tempentry
 
@@ -107,7 +108,7 @@ class OpenVolume(Opened):
 class VolumeStore:
     def __init__(self, home: Path):
         self.home = Path(home)
-        self.dir = self.home / "volumes"
+        self.dir = volumes_dir(self.home)
         self._backends: dict[str, KMSBackend] = {}
         self.catalog = Catalog(self.home, scan=self._scan)
 
@@ -117,7 +118,7 @@ class VolumeStore:
         return self._backends[name]
 
     def path(self, name: str) -> Path:
-        return self.dir / f"{check_name(name)}.img"
+        return volume_image(self.home, check_name(name))
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
@@ -125,20 +126,20 @@ class VolumeStore:
     def names(self) -> list[str]:
         """Volumes with an image, and catalog entries whose image is missing
         (listed, so that a deleted image does not go unnoticed)."""
-        files = set()
-        if self.dir.is_dir():
-            files = {p.name[:-4] for p in self.dir.iterdir() if p.name.endswith(".img") and not p.name.startswith(".")}
-        return sorted(files | set(self.catalog.names(VOLUME)))
+        return sorted({name for name, _ in self._images()} | set(self.catalog.names(VOLUME)))
+
+    def _images(self) -> list[tuple[str, Path]]:
+        """(name, path) of each volume image in the volumes directory."""
+        if not self.dir.is_dir():
+            return []
+        return [(name, p) for p in self.dir.iterdir() if (name := volume_name(p.name)) is not None]
 
     def _scan(self):
         """Every image already in the state directory, for the catalog's
         first use: (kind, name, header, name bound by its context)."""
         from .snapshots import images, snapshots  # snapshots imports this module
 
-        found = []
-        if self.dir.is_dir():
-            found += [(VOLUME, p.name[:-4], p) for p in self.dir.iterdir()
-                      if p.name.endswith(".img") and not p.name.startswith(".")]
+        found = [(VOLUME, name, p) for name, p in self._images()]
         for kind, copies in ((SNAPSHOT, snapshots(self.home)), (IMAGE, images(self.home))):
             found += [(kind, n, copies.image_path(n)) for n in copies.names()]
         for kind, name, path in found:
@@ -165,6 +166,17 @@ class VolumeStore:
             raise NotFound(f"volume {name!r} not found")
         except OSError as e:
             raise storage_error(e, f"cannot open volume {name!r}")
+
+    def _open_locked(self, name: str) -> tuple[Path, int]:
+        """The image open read-write under its exclusive attach lock (Busy
+        while it is attached); closing the fd releases the lock."""
+        path, fd = self._open_fd(name, True)
+        try:
+            lock_exclusive(fd, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return path, fd
 
     @staticmethod
     def _load(name: str, path: Path, fd: int) -> hdr.Loaded:
@@ -196,13 +208,7 @@ class VolumeStore:
         """The open image under its exclusive attach lock (Busy while it is
         attached), its header read under the lock and checked, for offline
         copies and header changes."""
-        path, fd = self._open_fd(name, True)
-        try:
-            lock_exclusive(fd, name)
-        except BaseException:
-            os.close(fd)
-            raise
-        op = self._opened(name, path, fd)
+        op = self._opened(name, *self._open_locked(name))
         try:
             yield op
         finally:
@@ -217,13 +223,7 @@ class VolumeStore:
         and key and verify the header MAC, build the cipher.  The caller
         closes the result (which wipes the keys and releases the lock).
         ``repair`` rewrites a damaged header copy."""
-        path, fd = self._open_fd(name, True)
-        try:
-            lock_exclusive(fd, name)
-        except BaseException:
-            os.close(fd)
-            raise
-        op = self._opened(name, path, fd, OpenVolume)
+        op = self._opened(name, *self._open_locked(name), OpenVolume)
         try:
             op.owner = os.fstat(op.fd).st_uid
             if uid != 0 and uid != op.owner:
@@ -281,9 +281,8 @@ class VolumeStore:
         catalog, not the image, says which header may go in, so this works
         when both copies in the image are destroyed and still never accepts
         another volume's header."""
-        path, fd = self._open_fd(name, True)
+        _, fd = self._open_locked(name)
         try:
-            lock_exclusive(fd, name)
             return headerfile.restore(fd, src, self.catalog.require(VOLUME, name), f"volume {name!r}")
         finally:
             os.close(fd)
@@ -301,9 +300,8 @@ class VolumeStore:
     def adopt(self, name: str, expected: Entry) -> Entry:
         """Record volume ``name``'s image in the catalog as it is now, if it
         still says ``expected`` (what the user was shown), under its lock."""
-        path, fd = self._open_fd(name, True)
+        path, fd = self._open_locked(name)
         try:
-            lock_exclusive(fd, name)
             entry = Entry.of(self._load(name, path, fd).header, name)
             if entry != expected:
                 raise Busy(f"volume {name!r} changed while it was being adopted; nothing was recorded")
@@ -394,16 +392,19 @@ class VolumeStore:
             check_grow(src.size, new_size)
             h = dataclasses.replace(src, uuid=vol_uuid, name=name, size=new_size, created=hdr.now_iso(),
                                     origin=origin, encryption_context={}, mac=None)
-            os.ftruncate(fd, h.data_offset + new_size)
+            cipher = None  # an unencrypted copy's grown part stays a hole
             if src.encrypted:
                 h.encryption_context = encryption_context(vol_uuid, name)
                 with self.unwrap(source, src) as dk:
                     h.wrapped_dk, h.key_id = self.backend(src.kms_backend).wrap_data_key(
                         src.key_id, dk, h.encryption_context)
                     hdr.seal(h, dk)
-                    if new_size > src.size and not h.zero_unwritten:
-                        self._fill_grown(fd, h, src.size, dk)
-            hdr.store(fd, h)  # overwrites both copies of the source header
+                    cipher = SectorCipher(dk)
+            try:
+                extend_image(fd, h, src.size, cipher)  # overwrites both copies of the source header
+            finally:
+                if cipher is not None:
+                    cipher.close()
             return h
 
         return self._build(name, vol_uuid, owner, build)
@@ -448,16 +449,6 @@ class VolumeStore:
         finally:
             os.close(fd)
         return h
-
-    @staticmethod
-    def _fill_grown(fd: int, h: hdr.Header, old_size: int, dk: Secret) -> None:
-        """Encrypted zeros over the grown part of a volume without
-        zero-unwritten (a preallocated one): it has no unwritten sectors."""
-        cipher = SectorCipher(dk)
-        try:
-            fill_zeros(Engine(fd, h.size, h.data_offset, cipher, zero_unwritten=False), old_size, h.size)
-        finally:
-            cipher.close()
 
     # -- inspect -------------------------------------------------------------
     def header(self, name: str) -> hdr.Header:
@@ -525,18 +516,14 @@ class VolumeStore:
     def delete(self, name: str) -> None:
         """Delete a detached volume; a damaged header does not prevent it,
         nor does a missing image (its catalog entry goes)."""
-        path = self.path(name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+            path, fd = self._open_locked(name)
+        except NotFound:  # no image
             if self.catalog.get(VOLUME, name) is None:
-                raise NotFound(f"volume {name!r} not found")
+                raise
             self.catalog.remove(VOLUME, name)
             return
-        except OSError as e:
-            raise storage_error(e, f"cannot open volume {name!r}")
         try:
-            lock_exclusive(fd, name)
             os.unlink(path)
             fsync_dir(self.dir)
         finally:
@@ -578,25 +565,30 @@ def fill_zeros(eng: Engine, start: int, end: int, progress: Callable[[int], None
             progress(n)
 
 
+def extend_image(fd: int, new: hdr.Header, old_size: int, cipher, prev: hdr.Loaded | None = None) -> hdr.Loaded:
+    """Make the image open on ``fd`` hold ``new.size`` bytes of data, then
+    store the header ``new`` (sealed already) over ``prev``: the file first,
+    so a crash in between leaves the old size, and a longer file under it is
+    harmless.  A volume without unwritten sectors (a preallocated one) gets
+    zeros over its grown part, through ``cipher`` (PLAINTEXT for an
+    unencrypted volume; None leaves that part a hole, which reads as zeros).
+    Growing a volume and creating a larger one from a copy share it."""
+    os.ftruncate(fd, new.data_offset + new.size)
+    if cipher is not None and not new.zero_unwritten and new.size > old_size:
+        fill_zeros(Engine(fd, new.size, new.data_offset, cipher, zero_unwritten=False), old_size, new.size)
+    return hdr.store(fd, new, prev)
+
+
 def grow_image(op: OpenVolume, new: hdr.Header) -> None:
-    """Grow an open volume's image to ``new.size``: the file, encrypted
-    zeros over the new part where the volume has no unwritten sectors, then
-    the header, resealed with the volume's MAC key.  The daemon's resize and
+    """Grow an open volume's image to ``new.size`` (:func:`extend_image`),
+    its header resealed with the volume's MAC key.  The daemon's resize and
     the offline one share it."""
-    old = op.header
     if new.encrypted:
         hdr.seal_with(new, op.mac_key)
     try:
-        # the file first: a crash in between leaves the old size, and a
-        # longer file under it is harmless
-        os.ftruncate(op.fd, new.data_offset + new.size)
-        if not new.zero_unwritten and new.size > old.size:
-            eng = Engine(op.fd, new.size, new.data_offset, op.cipher if new.encrypted else PLAINTEXT,
-                         zero_unwritten=False)
-            fill_zeros(eng, old.size, new.size)
-        op.loaded = hdr.store(op.fd, new, op.loaded)
+        op.loaded = extend_image(op.fd, new, op.header.size, op.cipher if new.encrypted else PLAINTEXT, op.loaded)
     except OSError as e:
-        raise storage_error(e, f"cannot resize volume {old.name!r}")
+        raise storage_error(e, f"cannot resize volume {op.header.name!r}")
 
 
 def cryptsetup_command(image: Path, key_file: Path, header: hdr.Header, mapping: str | None = None) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from ceph_fixture import ceph_cluster, rbd_namespace  # noqa: F401  (one cluster per session, for every module)
 from evscrypt.kms.local import LocalKMS
+from evscrypt.paths import kms_dir
 from evscrypt.volumes import VolumeStore
 
 
@@ -55,7 +56,7 @@ def clock():
 @pytest.fixture
 def kms(home, clock):
     """The local KMS of ``home`` (the directory VolumeStore uses), on a fake clock."""
-    return LocalKMS(home / "kms" / "local", clock=clock)
+    return LocalKMS(kms_dir(home, "local"), clock=clock)
 
 
 #: The checkout under test (what `pip install .` installs).

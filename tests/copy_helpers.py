@@ -8,19 +8,15 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import random
 import subprocess
 from pathlib import Path
 
-from daemon_fixture import read_direct  # noqa: F401  (re-exported for the copy tests)
+from daemon_fixture import expect_fail, pwrite_all, rand, read_direct  # noqa: F401  (re-exported for the copy tests)
 from evscrypt.image import header as hdr
+from evscrypt.paths import TEMP_AREAS
 
 MiB = 1 << 20
 SECTOR = 4096
-
-
-def rand(n: int, seed) -> bytes:
-    return random.Random(repr(seed)).randbytes(n)
 
 
 def pattern(seed, layout: list[tuple[int, int]]) -> dict[int, bytes]:
@@ -33,10 +29,7 @@ def write_sync(path: Path, writes: dict[int, bytes]) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         for off, data in writes.items():
-            mv = memoryview(data)
-            while mv:
-                n = os.pwrite(fd, mv, off)
-                mv, off = mv[n:], off + n
+            pwrite_all(fd, data, off)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -84,23 +77,11 @@ def leftovers(*dirs: Path) -> list[str]:
 
 
 def state_leftovers(home: Path) -> list[str]:
-    return leftovers(home / "volumes", home / "snapshots", home / "images")
+    return leftovers(*(home / area for area in TEMP_AREAS))
 
 
 def cli_json(d, *args) -> object:
     return json.loads(d.cli(*args, "--json").stdout)
-
-
-def expect_fail(d, code: int, *args: str, match: str | None = None) -> str:
-    """A CLI command that must fail with exit ``code`` and one error line; returns it."""
-    p = d.cli(*args, check=False)
-    assert p.returncode == code, (f"evscrypt {' '.join(map(str, args))}: expected exit {code}, got {p.returncode}\n"
-                                  f"stdout: {p.stdout}\nstderr: {p.stderr}")
-    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("evscrypt: error:")]
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    if match:
-        assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def _default_sigint() -> None:

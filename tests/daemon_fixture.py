@@ -26,8 +26,8 @@ it runs the data path its venv should give.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -37,6 +37,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from evscrypt.client import Client
+# the daemon's own view of mounts and loop devices, re-exported under the names the tests use
+from evscrypt.daemon.loopmount import is_mountpoint as is_mounted, loops_backing as loops_under, mounts_of  # noqa: F401
+from evscrypt.paths import disks_dir, socket_path, volume_image
 
 #: The installed entry point of the project venv (same interpreter as pytest).
 EVSCRYPT = str(Path(sys.executable).parent / "evscrypt")
@@ -73,41 +78,6 @@ def loop_skip_reason() -> str | None:
     return None
 
 
-def is_mounted(path: str | Path) -> bool:
-    """True if ``path`` is a mount point (by /proc/self/mounts: works on a dead FUSE mount)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].replace("\\040", " ") == target:
-                return True
-    return False
-
-
-def mounts_of(device: str) -> list[str]:
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 2 and fields[0] == device:
-                out.append(fields[1].replace("\\040", " "))
-    return out
-
-
-def loops_under(path: str | Path) -> list[str]:
-    """Loop devices whose backing file is ``path`` or lies under it."""
-    prefix = str(path).rstrip("/") + "/"
-    found = []
-    for bf in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            backing = Path(bf).read_text().strip()
-        except OSError:
-            continue
-        if backing == str(path) or backing.startswith(prefix):
-            found.append("/dev/" + bf.split("/")[3])
-    return sorted(found)
-
-
 def _quiet(*cmd: str) -> None:
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
         subprocess.run(list(cmd), capture_output=True, timeout=30)
@@ -125,7 +95,7 @@ class Daemon:
         self.home.mkdir(parents=True, exist_ok=True)
         self.runtime = Path(runtime) if runtime else Path(tempfile.mkdtemp(prefix="evs-", dir="/tmp"))
         self._own_runtime = runtime is None
-        self.mountpoint = self.runtime / "disks"
+        self.mountpoint = disks_dir(self.runtime)
         self.log_dir = Path(log_dir) if log_dir else self.runtime
         self.extra_args = tuple(extra_args)
         self.prefix = tuple(prefix)  # a command the daemon runs under (prlimit, setpriv)
@@ -229,8 +199,21 @@ class Daemon:
                                  f"stdout: {p.stdout}\nstderr: {p.stderr}\ndaemon log:\n{self.log}")
         return p
 
+    @property
+    def socket(self) -> Path:
+        return socket_path(self.runtime)
+
+    def client(self, timeout: float | None = None) -> Client:
+        """The daemon's control socket, in this process (no CLI start-up)."""
+        return Client(self.socket, timeout)
+
     def attach(self, name: str, *args: str) -> Path:
         return Path(self.cli("attach", name, *args).stdout.strip().splitlines()[0])
+
+    def attach_new(self, name: str, size: str) -> Path:
+        """Create volume ``name`` of ``size`` (as `volume create --size` takes it) and attach it."""
+        self.cli("volume", "create", name, "--size", size)
+        return self.attach(name)
 
     def status(self) -> dict:
         import json
@@ -240,7 +223,7 @@ class Daemon:
         return self.mountpoint / name
 
     def image(self, name: str) -> Path:
-        return self.home / "volumes" / f"{name}.img"
+        return volume_image(self.home, name)
 
     # -- things a test sets up that teardown must undo -------------------------------
     def mount_dir(self, base: Path, name: str) -> Path:
@@ -342,6 +325,37 @@ def pwrite_all(fd: int, data, off: int) -> None:
         n = os.pwrite(fd, mv, off)
         assert n > 0
         mv, off = mv[n:], off + n
+
+
+def write_at(path, off: int, data) -> None:
+    """Write ``data`` at ``off`` into the file ``path`` (a disk, an image) and fsync it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        pwrite_all(fd, data, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rand(n: int, seed) -> bytes:
+    """``n`` reproducible random bytes for ``seed``."""
+    return random.Random(repr(seed)).randbytes(n)
+
+
+def expect_fail(d: Daemon, code: int, *args, match: str | None = None, alone: bool = False) -> str:
+    """Run a CLI command that must fail with exit ``code``: one error line on
+    stderr (``alone``: and nothing else there), nothing on stdout, no
+    traceback.  Returns the error line."""
+    p = d.cli(*args, check=False)
+    assert p.returncode == code, (f"evscrypt {' '.join(map(str, args))}: expected exit {code}, got {p.returncode}\n"
+                                  f"stdout: {p.stdout}\nstderr: {p.stderr}\ndaemon log:\n{d.log[-4000:]}")
+    errors = [line for line in p.stderr.splitlines() if line.startswith("evscrypt: error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert not alone or p.stderr == errors[0] + "\n", p.stderr
+    assert p.stdout == "", p.stdout
+    if match:
+        assert match in errors[0], errors[0]
+    return errors[0]
 
 
 def read_direct(path, off: int, length: int) -> bytes:

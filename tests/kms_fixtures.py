@@ -242,11 +242,16 @@ class TcpProxy:
         self._sel.register(c, selectors.EVENT_READ, "client")
         self._sel.register(b, selectors.EVENT_READ, "backend")
 
-    def _relay(self, s: socket.socket) -> None:
+    @staticmethod
+    def _receive(s: socket.socket) -> bytes:
+        """What ``s`` has to read; b"" once it is closed or broken."""
         try:
-            data = s.recv(65536)
+            return s.recv(65536)
         except OSError:
-            data = b""
+            return b""
+
+    def _relay(self, s: socket.socket) -> None:
+        data = self._receive(s)
         if not data:
             self._close_pair(s)
             return
@@ -260,10 +265,7 @@ class TcpProxy:
             self._close_pair(s)
 
     def _swallow(self, s: socket.socket) -> None:
-        try:
-            data = s.recv(65536)
-        except OSError:
-            data = b""
+        data = self._receive(s)
         if not data:
             self._holes.discard(s)
             self._drop(s)

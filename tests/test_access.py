@@ -16,7 +16,6 @@ import uuid
 import pytest
 
 from daemon_fixture import make_daemon, run_as  # noqa: F401  (fixture)
-from evscrypt import client
 
 
 def as_user(pw, fn):
@@ -48,12 +47,11 @@ def setup(make_daemon, user):  # noqa: F811
     d = make_daemon(start=False, extra_args=("--socket-group", GROUP))
     os.chmod(d.runtime, 0o755)  # users must reach the socket and the disks
     d.start()
-    sock = str(d.runtime / "control.sock")
     d.cli("key", "create", "ukey", "--owner", USER)
     d.cli("key", "create", "rootkey")
     d.cli("volume", "create", "uvol", "--size", "8M", "--key", "ukey", "--owner", USER)
     d.cli("volume", "create", "rootvol", "--size", "8M", "--key", "rootkey")
-    return d, sock
+    return d, d.socket
 
 
 def test_socket_is_group_restricted(setup, user):
@@ -61,18 +59,18 @@ def test_socket_is_group_restricted(setup, user):
     st = os.stat(sock)
     assert st.st_mode & 0o777 == 0o660 and st.st_gid == grp.getgrnam(GROUP).gr_gid
     # in the group: answered; the reply lists only the caller's volumes
-    assert as_user(user, lambda: client.call(sock, "status")["volumes"]) == {"ok": []}
+    assert as_user(user, lambda: d.client().status()["volumes"]) == {"ok": []}
     # the FUSE request counts cover every user's volumes: root's alone
-    assert as_user(user, lambda: "fuse_requests" in client.call(sock, "status")) == {"ok": False}
-    assert client.call(sock, "status")["fuse_requests"]["INIT"] == 1
+    assert as_user(user, lambda: "fuse_requests" in d.client().status()) == {"ok": False}
+    assert d.client().status()["fuse_requests"]["INIT"] == 1
     # not in the group: the kernel refuses the connection
-    out = as_user(pwd.getpwnam("nobody"), lambda: client.call(sock, "status"))
+    out = as_user(pwd.getpwnam("nobody"), lambda: d.client().status())
     assert out["error"] == "DaemonUnavailable" and "permission denied" in out["message"]
 
 
 def test_user_attaches_own_volume_and_owns_the_file(setup, user):
     d, sock = setup
-    out = as_user(user, lambda: client.call(sock, "attach", name="uvol")["path"])
+    out = as_user(user, lambda: d.client().attach("uvol")["path"])
     path = out["ok"]
     st = os.stat(path)
     assert (st.st_uid, st.st_mode & 0o777) == (user.pw_uid, 0o600)
@@ -90,21 +88,21 @@ def test_user_attaches_own_volume_and_owns_the_file(setup, user):
     nobody = pwd.getpwnam("nobody")
     assert as_user(nobody, lambda: os.open(path, os.O_RDONLY)) == {"errno": errno.EACCES}
     # status shows the user their volume; root sees it too
-    vols = as_user(user, lambda: [v["name"] for v in client.call(sock, "status")["volumes"]])
+    vols = as_user(user, lambda: [v["name"] for v in d.client().status()["volumes"]])
     assert vols == {"ok": ["uvol"]}
-    assert as_user(user, lambda: client.call(sock, "detach", name="uvol")["detached"]) == {"ok": True}
+    assert as_user(user, lambda: d.client().detach("uvol")["detached"]) == {"ok": True}
 
 
 def test_user_cannot_touch_other_volumes_or_mount(setup, user, tmp_path):
     d, sock = setup
-    out = as_user(user, lambda: client.call(sock, "attach", name="rootvol"))
+    out = as_user(user, lambda: d.client().attach("rootvol"))
     assert out["error"] == "PermissionDenied" and "another user" in out["message"]
     d.attach("rootvol")  # root's own attach
-    out = as_user(user, lambda: client.call(sock, "detach", name="rootvol", force=True))
+    out = as_user(user, lambda: d.client().detach("rootvol", force=True))
     assert out["error"] == "PermissionDenied"
     assert "rootvol" in os.listdir(d.mountpoint)
     # the daemon mounts as root, so a user may not choose a mount point
-    out = as_user(user, lambda: client.call(sock, "attach", name="uvol", mount=str(tmp_path / "m")))
+    out = as_user(user, lambda: d.client().attach("uvol", mount=str(tmp_path / "m")))
     assert out["error"] == "PermissionDenied"
     assert "uvol" not in os.listdir(d.mountpoint)
 
@@ -118,11 +116,11 @@ def test_grants_decide_who_may_use_a_key(setup, user):
     assert json.loads(d.cli("key", "list-grants", "rootkey", "--json").stdout) == [
         {"uid": user.pw_uid, "user": USER}]
     d.cli("volume", "create", "gvol", "--size", "8M", "--key", "rootkey", "--owner", USER)
-    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
-    assert "ok" in as_user(user, lambda: client.call(sock, "detach", name="gvol"))
+    assert "ok" in as_user(user, lambda: d.client().attach("gvol"))
+    assert "ok" in as_user(user, lambda: d.client().detach("gvol"))
     # once revoked, the user's volume under that key no longer attaches
     d.cli("key", "revoke", "rootkey", "--from", USER)
-    out = as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    out = as_user(user, lambda: d.client().attach("gvol"))
     assert out["error"] == "PermissionDenied" and "rootkey" in out["message"]
     p = d.cli("key", "revoke", "rootkey", "--from", USER, check=False)
     assert p.returncode == 4  # no such grant
@@ -137,13 +135,13 @@ def test_revoked_grant_is_part_of_the_detach_guard(setup, user):
     d, sock = setup
     d.cli("key", "grant", "rootkey", "--to", USER)
     d.cli("volume", "create", "gvol", "--size", "8M", "--key", "rootkey", "--owner", USER)
-    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    assert "ok" in as_user(user, lambda: d.client().attach("gvol"))
     d.cli("key", "revoke", "rootkey", "--from", USER)
 
     message = (f"the grant of key rootkey to {USER}, the owner of volume gvol, was revoked: once detached, gvol "
                f"cannot be attached again until the key's owner grants it again "
                f"(evscrypt key grant rootkey --to {USER})")
-    out = as_user(user, lambda: client.call(sock, "detach", name="gvol"))
+    out = as_user(user, lambda: d.client().detach("gvol"))
     assert out == {"error": "KeyStateError", "message": f"{message}; use --force to detach anyway"}, out
     [v] = json.loads(d.cli("status", "--json").stdout)["volumes"]
     assert (v["reattach"]["reason"], v["reattach"]["message"], v["reattach"]["summary"]) == (
@@ -152,14 +150,14 @@ def test_revoked_grant_is_part_of_the_detach_guard(setup, user):
     assert p.returncode == 12 and f"[gvol] {message}" in p.stderr and d.alive
     assert "gvol" in os.listdir(d.mountpoint)
 
-    out = as_user(user, lambda: client.call(sock, "detach", name="gvol", force=True)["warnings"])
+    out = as_user(user, lambda: d.client().detach("gvol", force=True)["warnings"])
     assert out == {"ok": [message]}
-    out = as_user(user, lambda: client.call(sock, "attach", name="gvol"))
+    out = as_user(user, lambda: d.client().attach("gvol"))
     assert out == {"error": "PermissionDenied", "message": "the grant of key rootkey to you was revoked"}
     # granted again: the guard is satisfied
     d.cli("key", "grant", "rootkey", "--to", USER)
-    assert "ok" in as_user(user, lambda: client.call(sock, "attach", name="gvol"))
-    assert as_user(user, lambda: client.call(sock, "detach", name="gvol")["warnings"]) == {"ok": []}
+    assert "ok" in as_user(user, lambda: d.client().attach("gvol"))
+    assert as_user(user, lambda: d.client().detach("gvol")["warnings"]) == {"ok": []}
 
 
 def test_owner_not_allowed_the_key_is_part_of_the_detach_guard(setup, user):
@@ -181,7 +179,7 @@ def test_owner_not_allowed_the_key_is_part_of_the_detach_guard(setup, user):
 
 def test_only_root_stops_the_daemon(setup, user):
     d, sock = setup
-    out = as_user(user, lambda: client.call(sock, "stop", force=True))
+    out = as_user(user, lambda: d.client().stop(force=True))
     assert out == {"error": "PermissionDenied", "message": "only root can stop the daemon"}
     assert d.alive and d.status()["volumes"] == []
 

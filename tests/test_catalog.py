@@ -19,9 +19,9 @@ import pytest
 
 from copy_helpers import MiB, data_area, expect_fail, header_of, pattern, write_sync
 from daemon_fixture import EVSCRYPT, make_daemon, run_as  # noqa: F401  (fixture)
-from evscrypt import client, errors
+from evscrypt import errors
 from evscrypt.catalog import FILE, VOLUME, Catalog
-from evscrypt.cli import main
+from evscrypt.cli.root import main
 from evscrypt.image import header as hdr
 from evscrypt.image.engine import Engine
 from evscrypt.image.header import HEADER_AREA
@@ -272,13 +272,12 @@ def test_substituted_image_refused_for_its_owner(make_daemon):  # noqa: F811
         d = make_daemon(start=False, extra_args=("--socket-group", grp.getgrgid(pw.pw_gid).gr_name))
         os.chmod(d.runtime, 0o755)
         d.start()
-        sock = str(d.runtime / "control.sock")
         d.cli("volume", "create", "rootvol", "--size", "8M")
         write_sync(d.attach("rootvol"), pattern("root", LAYOUT))
         d.cli("detach", "rootvol")
         d.cli("volume", "create", "uvol", "--size", "8M", "--owner", user)
         shutil.copyfile(d.image("rootvol"), d.image("uvol"))  # keeps uvol's owner
-        out = run_as(pw.pw_uid, pw.pw_gid, lambda: client.call(sock, "attach", name="uvol"))
+        out = run_as(pw.pw_uid, pw.pw_gid, lambda: d.client().attach("uvol"))
         assert out["error"] == "IntegrityError" and "header field uuid" in out["message"], out
         assert "uvol" not in os.listdir(d.mountpoint)
     finally:

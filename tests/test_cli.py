@@ -1,4 +1,4 @@
-"""The `evscrypt` command line, driven in-process through evscrypt.cli.main
+"""The `evscrypt` command line, driven in-process through evscrypt.cli.root.main
 and, once, as the installed console script."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from evscrypt import errors
-from evscrypt.cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, main
+from evscrypt.cli.core import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE
+from evscrypt.cli.root import main
 from evscrypt.image.header import HEADER_AREA
 from evscrypt.volumes import VolumeStore
 
@@ -307,6 +308,19 @@ def test_busy_volume_cannot_be_deleted(cli, home):
         cli.fails(errors.Busy, "volume", "delete", "v", match="attached")
         assert cli.json("volume", "info", "v")["attached"] is True
     cli.ok("volume", "delete", "v")
+
+
+def test_volume_whose_image_is_gone(cli, home):
+    """An image removed behind evscrypt's back: its catalog entry still lists
+    the volume, says what is missing, and `volume delete` removes the entry."""
+    cli.ok("volume", "create", "v", "--size", "1M")
+    (home / "volumes" / "v.img").unlink()
+    [listed] = cli.json("volume", "list")
+    assert listed["name"] == "v" and "its image" in listed["error"] and "is missing" in listed["error"]
+    cli.fails(errors.NotFound, "volume", "info", "v", match="volume 'v' is in the catalog but its image")
+    assert cli.ok("volume", "delete", "v") == "deleted volume v\n"
+    assert cli.json("volume", "list") == []
+    cli.fails(errors.NotFound, "volume", "delete", "v", match="volume 'v' not found")
 
 
 def test_exit_codes_are_distinct():

@@ -1,6 +1,6 @@
 """CLI processes that hold a DK are non-dumpable at the moment they hold it.
 
-Each command runs as the real CLI (evscrypt.cli.entry, as the `evscrypt`
+Each command runs as the real CLI (evscrypt.cli.root.entry, as the `evscrypt`
 program runs it) in its own process, with observers around the two points
 where a DK comes into being in the local KMS (decrypt and
 generate_data_key): right after each returns, the observer reads
@@ -34,7 +34,7 @@ RUN_CLI = textwrap.dedent("""
     observe("decrypt")
     observe("generate_data_key")
     atexit.register(lambda: print("DK", *held, "END", libc.prctl(3, 0, 0, 0, 0), file=sys.stderr))
-    from evscrypt.cli import entry
+    from evscrypt.cli.root import entry
     sys.argv = ["evscrypt", *sys.argv[1:]]
     entry()
 """)

@@ -21,6 +21,7 @@ import pytest
 
 from daemon_fixture import Daemon, daemon, make_daemon  # noqa: F401  (fixtures are used by name)
 from evscrypt import client, protocol
+from evscrypt.daemon.control import HANDLERS
 from evscrypt.errors import DaemonUnavailable, error_classes
 from evscrypt.paths import socket_path
 
@@ -136,6 +137,13 @@ BAD_REQUESTS = [
     ("detach-force-string", req("detach", {"name": "v", "force": "yes"}), "ProtocolError",
      ("'force'", "wrong type")),
     ("detach-not-attached", req("detach", {"name": "v"}), "NotFound", ("not attached",)),
+    ("resize-size-bool", req("resize", {"name": "v", "size": True}), "ProtocolError", ("'size'", "wrong type")),
+    ("resize-size-string", req("resize", {"name": "v", "size": "1G"}), "ProtocolError", ("'size'", "wrong type")),
+    ("resize-name-missing", req("resize", {"size": 4096}), "ProtocolError", ("missing argument 'name'",)),
+    ("snapshot-dest-missing", req("snapshot", {"name": "v"}), "ProtocolError", ("missing argument 'dest'",)),
+    ("snapshot-uuid-int", req("snapshot", {"name": "v", "dest": "/x", "uuid": 1}), "ProtocolError",
+     ("'uuid'", "wrong type")),
+    ("stop-force-string", req("stop", {"force": "yes"}), "ProtocolError", ("'force'", "wrong type")),
 ]
 
 
@@ -275,7 +283,7 @@ def test_300_concurrent_status_clients(daemon):
         try:
             barrier.wait(30)
             # the CLI's own client code: what 300 `evscrypt status` would do
-            results[i] = client.call(socket_path(daemon.runtime), "status", timeout=60)
+            results[i] = daemon.client().status()
         except BaseException as e:  # noqa: BLE001 - reported below
             results[i] = e
 
@@ -318,7 +326,7 @@ def test_client_with_full_backlog_is_not_an_internal_error(tmp_path):
         else:
             pytest.skip("could not fill the listen backlog")
         with pytest.raises(DaemonUnavailable):
-            client.call(path, "status", timeout=2)
+            client.Client(path, timeout=2).status()
     finally:
         for s in fill:
             s.close()
@@ -356,3 +364,53 @@ def test_socket_is_0600_and_owned_by_root(daemon):
     os.waitpid(pid, 0)
     assert out == str(errno.EACCES).encode(), out
     status_works(daemon)
+
+
+def test_every_operation_has_a_handler():
+    assert set(HANDLERS) == set(protocol.OPS.values())
+    assert all(protocol.OPS[op.name] is op for op in HANDLERS)
+
+
+def test_client_requests_on_the_wire(tmp_path):
+    """What each typed client method sends, written out by hand: the wire
+    format a daemon of another version reads (no daemon needed)."""
+    path = tmp_path / "control.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+    seen: list = []
+
+    def serve(n: int) -> None:
+        for _ in range(n):
+            conn, _ = srv.accept()
+            with conn:
+                seen.append(json.loads(read_line(conn)))
+                conn.sendall(b'{"v": 1, "ok": true, "result": {"echo": true}}\n')
+
+    def read_line(conn) -> bytes:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            buf += conn.recv(4096)
+        return buf
+
+    c = client.Client(path)
+    calls = [
+        (lambda: c.ping(), {"op": "ping", "args": {}}),
+        (lambda: c.status(), {"op": "status", "args": {}}),
+        (lambda: c.attach("v"), {"op": "attach", "args": {"name": "v", "mount": None, "mkfs": None}}),
+        (lambda: c.attach("v", mount="/m", mkfs="ext4"),
+         {"op": "attach", "args": {"name": "v", "mount": "/m", "mkfs": "ext4"}}),
+        (lambda: c.detach("v", force=True), {"op": "detach", "args": {"name": "v", "force": True}}),
+        (lambda: c.snapshot("v", "/h/s", "u-1"), {"op": "snapshot", "args": {"name": "v", "dest": "/h/s", "uuid": "u-1"}}),
+        (lambda: c.resize("v", 1 << 30), {"op": "resize", "args": {"name": "v", "size": 1 << 30}}),
+        (lambda: c.stop(), {"op": "stop", "args": {"force": False}}),
+    ]
+    t = threading.Thread(target=serve, args=(len(calls),), daemon=True)
+    t.start()
+    try:
+        for call, _ in calls:
+            assert call() == {"echo": True}
+    finally:
+        t.join(60)
+        srv.close()
+    assert seen == [{"v": 1, **want} for _, want in calls]

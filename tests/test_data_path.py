@@ -30,13 +30,10 @@ import pytest
 
 from copy_helpers import MiB, SECTOR, data_area, header_of, rand
 from daemon_fixture import (  # noqa: F401  (fixtures by name)
-    daemon, make_daemon, needs_fio, pread_all, pwrite_all, read_direct, volume_status,
+    daemon, make_daemon, needs_fio, pread_all, pwrite_all, read_direct, volume_status, write_at,
 )
-from evscrypt import client
-from evscrypt.crypto.xts import reference_crypt
+from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
 from evscrypt.daemon.ops import OFFLOAD_MIN
-from evscrypt.format import SECTOR_SIZE
-from evscrypt.paths import socket_path
 from evscrypt.volumes import VolumeStore
 
 pytestmark = pytest.mark.fuse
@@ -85,7 +82,7 @@ def assert_image_matches(d, name: str, plain: bytes) -> None:
 
 def attached_status(d, name: str) -> dict:
     """The volume's status through the control socket (no CLI start-up)."""
-    for v in client.call(socket_path(d.runtime), "status", timeout=60)["volumes"]:
+    for v in d.client().status()["volumes"]:
         if v["name"] == name:
             return v
     raise AssertionError(f"{name} is not attached")
@@ -278,8 +275,7 @@ def test_unaligned_and_boundary_requests_match_model(daemon):
 @pytest.mark.timeout(120)
 def test_counters_add_up_exactly(daemon, tmp_path):
     d = daemon
-    d.cli("volume", "create", "ct", "--size", "64M")
-    path = d.attach("ct")
+    path = d.attach_new("ct", "64M")
     base = io_counters(d, "ct")
     assert base == {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
                     "fsyncs": 0, "discards": 0, "errors": 0}
@@ -404,16 +400,10 @@ def test_a_detached_disk_name_cannot_be_opened_nor_created(daemon):
 @pytest.mark.timeout(300)
 def test_force_detach_under_load(daemon, tmp_path):
     d = daemon
-    d.cli("volume", "create", "fd", "--size", "64M")
-    path = d.attach("fd")
+    path = d.attach_new("fd", "64M")
     span = 48 * MiB  # the load stays below; `keep` lies above it
     keep_off, keep = 56 * MiB + 512, rand(300 * KiB, "keep")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        pwrite_all(fd, keep, keep_off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_at(path, keep_off, keep)
 
     loaders = [Loader(path, kind, size, span, seed=i)
                for i, (kind, size) in enumerate([("write", MiB), ("write", 4096), ("read", MiB), ("read", 4096)])]

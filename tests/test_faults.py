@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
-    Daemon, daemon, is_mounted, loop_skip_reason, make_daemon, pwrite_all, read_direct, volume_status,
+    Daemon, daemon, expect_fail, is_mounted, loop_skip_reason, make_daemon, pwrite_all, rand, read_direct,
+    volume_status, write_at,
 )
 from evscrypt.format import SECTOR_SIZE
 from evscrypt.image import header as hdr
@@ -45,10 +46,6 @@ needs_loop = pytest.mark.skipif(loop_skip_reason() is not None, reason=loop_skip
 
 
 # -- helpers ---------------------------------------------------------------------
-def rand(n: int, seed) -> bytes:
-    return random.Random(repr(seed)).randbytes(n)
-
-
 def aligned(n: int) -> mmap.mmap:
     """A page-aligned buffer, as O_DIRECT wants."""
     return mmap.mmap(-1, n)
@@ -66,18 +63,6 @@ def write_direct(path: Path, off: int, data: bytes, sync: bool = True) -> None:
     finally:
         os.close(fd)
 
-
-
-def expect_fail(d: Daemon, code: int, *args: str) -> subprocess.CompletedProcess:
-    """A CLI command that must fail with ``code`` and exactly one line on stderr."""
-    p = d.cli(*args, check=False)
-    assert p.returncode == code, (f"evscrypt {' '.join(args)}: expected exit {code}, got {p.returncode}\n"
-                                  f"stdout: {p.stdout}\nstderr: {p.stderr}\n{d.log}")
-    assert p.stdout == ""
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("evscrypt: error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    return p
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
@@ -387,8 +372,8 @@ def test_backing_image_unreadable_while_attached(small_ext4, make_daemon, tmp_pa
     # the failed volume can still be detached (nothing left to flush), and
     # attaching it again says why it cannot
     d.cli("detach", "bad")
-    p = expect_fail(d, EXIT_STORAGE_ERROR, "attach", "bad")
-    assert "bad" in p.stderr
+    line = expect_fail(d, EXIT_STORAGE_ERROR, "attach", "bad", alone=True)
+    assert "bad" in line
     assert [v["name"] for v in d.status()["volumes"]] == ["good"]
     d.cli("detach", "good")
     d.stop()
@@ -421,15 +406,6 @@ def header_valid(d: Daemon, name: str) -> list[bool]:
     return json.loads(d.cli("volume", "info", name, "--json").stdout)["header_copies_valid"]
 
 
-def corrupt(image: Path, off: int, data: bytes) -> None:
-    fd = os.open(image, os.O_RDWR)
-    try:
-        pwrite_all(fd, data, off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_header_damage_repaired_or_refused(daemon):
     daemon.cli("volume", "create", "h", "--size", "4M")
     disk = daemon.attach("h")
@@ -440,7 +416,7 @@ def test_header_damage_repaired_or_refused(daemon):
     assert header_valid(daemon, "h") == [True, True]
 
     # primary copy (slot 0, the first 64 KiB) overwritten with garbage
-    corrupt(image, 0, rand(hdr.SLOT_SIZE, "garbage 0"))
+    write_at(image, 0, rand(hdr.SLOT_SIZE, "garbage 0"))
     assert header_valid(daemon, "h") == [False, True]
     disk = daemon.attach("h")
     assert "repairing damaged header copy" in daemon.log
@@ -453,22 +429,22 @@ def test_header_damage_repaired_or_refused(daemon):
     with open(image, "rb") as f:
         raw = bytearray(f.read(hdr.SLOT_SIZE))
     raw[hdr.PREFIX_SIZE + 10] ^= 0x01
-    corrupt(image, 0, bytes(raw))
+    write_at(image, 0, bytes(raw))
     assert header_valid(daemon, "h") == [False, True]
     daemon.attach("h")
     assert header_valid(daemon, "h") == [True, True]
     daemon.cli("detach", "h")
 
     # both copies damaged: attach refuses with a one-line FormatError (exit 7)
-    corrupt(image, 0, rand(hdr.SLOT_SIZE, "garbage 0 again"))
+    write_at(image, 0, rand(hdr.SLOT_SIZE, "garbage 0 again"))
     with open(image, "rb") as f:
         f.seek(hdr.SLOT_SIZE)
         raw = bytearray(f.read(hdr.SLOT_SIZE))
     raw[hdr.PREFIX_SIZE + 20] ^= 0x80
-    corrupt(image, hdr.SLOT_SIZE, bytes(raw))
-    p = expect_fail(daemon, EXIT_FORMAT_ERROR, "attach", "h")
-    assert "'h'" in p.stderr and "header" in p.stderr
-    expect_fail(daemon, EXIT_FORMAT_ERROR, "volume", "info", "h")
+    write_at(image, hdr.SLOT_SIZE, bytes(raw))
+    line = expect_fail(daemon, EXIT_FORMAT_ERROR, "attach", "h", alone=True)
+    assert "'h'" in line and "header" in line
+    expect_fail(daemon, EXIT_FORMAT_ERROR, "volume", "info", "h", alone=True)
     assert daemon.status()["volumes"] == []
     assert not (daemon.mountpoint / "h").exists()
     assert daemon.alive

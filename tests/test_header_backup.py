@@ -8,7 +8,7 @@ import os
 import pytest
 
 from evscrypt import errors
-from evscrypt.cli import main
+from evscrypt.cli.root import main
 from evscrypt.image.header import HEADER_AREA, SLOT_SIZE
 
 

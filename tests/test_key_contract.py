@@ -283,6 +283,45 @@ class Kit:
     def attached(self) -> set[str]:
         return {p.name for p in self.d.mountpoint.iterdir()}
 
+    def key_with_volumes(self, alias: str, at: int = 0, also: tuple = ("w",)) -> tuple[str, str, Path, "Pattern"]:
+        """A new key, volume v under it, attached, with a pattern written at
+        ``at``, and the detached volumes ``also``: (the key, how messages
+        name it, v's disk, the pattern)."""
+        key = self.kms.make_key(alias)
+        for name in ("v", *also):
+            self.create(name, key)
+        disk = self.attach("v")
+        pat = Pattern()
+        pat.write(disk, at)
+        return key, self.kms.label(key), disk, pat
+
+    def comes_back(self, name: str, pat: "Pattern") -> None:
+        """Volume ``name`` attaches again, its data intact; then it is detached."""
+        pat.check(self.attach(name))
+        self.detach(name)
+
+    @staticmethod
+    def still_serves(disk: Path, pat: "Pattern", at: int) -> None:
+        """The attached volume keeps its key in memory: reads and writes go on."""
+        pat.write(disk, at)
+        pat.check(disk)
+
+    def refuses_new_uses(self, code: int, key: str, words: tuple, attach_words: tuple | None = None) -> str:
+        """A new volume x under ``key`` and an attach of volume w are refused
+        with ``code`` (and ``words``); the line that refused volume x."""
+        line = refused(self.d, code, "volume", "create", "x", "--size", SIZE, "--kms", self.backend, "--key", key,
+                       words=words)
+        assert not self.d.image("x").exists()
+        refused(self.d, code, "attach", "w", words=words if attach_words is None else attach_words)
+        assert "w" not in self.attached()
+        return line
+
+    def refuses_dump_key(self, code: int, tmp_path: Path, words: tuple = (), within: float | None = None) -> None:
+        """`volume dump-key v` is refused with ``code`` and writes no key file."""
+        key_file = tmp_path / "v.key"
+        refused(self.d, code, "volume", "dump-key", "v", "--key-file", key_file, words=words, within=within)
+        assert not key_file.exists()
+
 
 def guard_holds(kit: Kit, name: str, message: str, reason: str, summary: str) -> None:
     """Every path that would let go of ``name``'s key says ``message``, word
@@ -347,36 +386,18 @@ def test_enabled_key_allows_everything(kit: Kit, tmp_path):
 
     p = kit.detach("v")
     assert p.stderr == "", p.stderr  # no warning with an Enabled key
-    disk = kit.attach("v")
-    pat.check(disk)
-    kit.detach("v")
+    kit.comes_back("v", pat)
 
 
 def test_disabled_key(kit: Kit, tmp_path):
     d, kms = kit.d, kit.kms
-    key = kms.make_key("k-disabled")
-    who = kms.label(key)
-    kit.create("v", key)
-    kit.create("w", key)
-    disk = kit.attach("v")
-    pat = Pattern()
-    pat.write(disk, 0)
-
+    key, who, disk, pat = kit.key_with_volumes("k-disabled")
     kms.disable(key)
     words = (who, "Disabled")
-    refused(d, KEY_STATE, "volume", "create", "x", "--size", SIZE, "--kms", kit.backend, "--key", key, words=words)
-    assert not d.image("x").exists()
-    refused(d, KEY_STATE, "attach", "w", words=words)
-    assert "w" not in kit.attached()
+    kit.refuses_new_uses(KEY_STATE, key, words)
     assert kit.info("v")["key_state"] == "Disabled"
-
-    # the attached volume keeps its key in memory: reads and writes go on
-    pat.write(disk, 2 * MiB)
-    pat.check(disk)
-
-    key_file = tmp_path / "v.key"
-    refused(d, KEY_STATE, "volume", "dump-key", "v", "--key-file", key_file, words=words)
-    assert not key_file.exists()
+    kit.still_serves(disk, pat, 2 * MiB)
+    kit.refuses_dump_key(KEY_STATE, tmp_path, words)
 
     hint = f"evscrypt key enable {who}" if kit.backend == "local" else "AWS KMS EnableKey"
     message = (f"key {who} is Disabled: once detached, volume v cannot be attached again until the key is "
@@ -398,30 +419,14 @@ def test_disabled_key(kit: Kit, tmp_path):
 
 def test_pending_deletion_key(kit: Kit, tmp_path):
     d, kms = kit.d, kit.kms
-    key = kms.make_key("k-pending")
-    who = kms.label(key)
-    kit.create("v", key)
-    kit.create("w", key)
-    disk = kit.attach("v")
-    pat = Pattern()
-    pat.write(disk, 4096)
-
+    key, who, disk, pat = kit.key_with_volumes("k-pending", at=4096)
     when = kms.schedule_deletion(key)
     assert when
     day = when[:10]  # YYYY-MM-DD, however the time part is written
     words = (who, "PendingDeletion", day)
-    line = refused(d, KEY_STATE, "volume", "create", "x", "--size", SIZE, "--kms", kit.backend, "--key", key,
-                   words=words)
-    assert "deletion" in line
-    assert not d.image("x").exists()
-    refused(d, KEY_STATE, "attach", "w", words=words)
-
-    pat.write(disk, 6 * MiB)
-    pat.check(disk)
-
-    key_file = tmp_path / "v.key"
-    refused(d, KEY_STATE, "volume", "dump-key", "v", "--key-file", key_file, words=words)
-    assert not key_file.exists()
+    assert "deletion" in kit.refuses_new_uses(KEY_STATE, key, words)
+    kit.still_serves(disk, pat, 6 * MiB)
+    kit.refuses_dump_key(KEY_STATE, tmp_path, words)
 
     date = _deletion_date(kit, key)
     hint = (f"evscrypt key cancel-deletion {who}, then evscrypt key enable {who}" if kit.backend == "local"
@@ -437,34 +442,16 @@ def test_pending_deletion_key(kit: Kit, tmp_path):
     kms.cancel_deletion(key)
     refused(d, KEY_STATE, "attach", "v", words=(who, "Disabled"))
     kms.enable(key)
-    disk = kit.attach("v")
-    pat.check(disk)
-    kit.detach("v")
+    kit.comes_back("v", pat)
 
 
 def test_deleted_or_missing_key(kit: Kit, tmp_path):
     d, kms = kit.d, kit.kms
-    key = kms.make_key("k-lost")
-    who = kms.label(key)
-    kit.create("v", key)
-    kit.create("w", key)
-    disk = kit.attach("v")
-    pat = Pattern()
-    pat.write(disk, 0)
-
+    key, who, disk, pat = kit.key_with_volumes("k-lost")
     kms.delete_or_lose(key)
-    words = (who, kms.lost_word)
-    refused(d, kms.lost_code, "volume", "create", "x", "--size", SIZE, "--kms", kit.backend, "--key", key,
-            words=words)
-    assert not d.image("x").exists()
-    refused(d, kms.lost_code, "attach", "w", words=(kms.lost_word,))
-
-    pat.write(disk, 7 * MiB)  # the DK in memory outlives its CMK
-    pat.check(disk)
-
-    key_file = tmp_path / "v.key"
-    refused(d, kms.lost_code, "volume", "dump-key", "v", "--key-file", key_file, words=(kms.lost_word,))
-    assert not key_file.exists()
+    kit.refuses_new_uses(kms.lost_code, key, (who, kms.lost_word), attach_words=(kms.lost_word,))
+    kit.still_serves(disk, pat, 7 * MiB)  # the DK in memory outlives its CMK
+    kit.refuses_dump_key(kms.lost_code, tmp_path, (kms.lost_word,))
 
     lost = (f"once detached, volume v can never be attached again; its data is lost for good")
     if kit.backend == "local":
@@ -503,9 +490,7 @@ def test_kms_goes_away_while_volumes_are_attached(kit: Kit, tmp_path):
         refused(d, UNAVAILABLE, "volume", "create", "y", "--size", SIZE, "--kms", kit.backend, "--key", key,
                 within=UNREACHABLE_BOUND)
         assert not d.image("y").exists()
-        key_file = tmp_path / "v.key"
-        refused(d, UNAVAILABLE, "volume", "dump-key", "v", "--key-file", key_file, within=UNREACHABLE_BOUND)
-        assert not key_file.exists()
+        kit.refuses_dump_key(UNAVAILABLE, tmp_path, within=UNREACHABLE_BOUND)
 
         # --force detaches even when the key state cannot be checked ...
         kit.detach("x", force=True)
@@ -533,11 +518,7 @@ def test_kms_unreachable_detach_needs_force(kit: Kit):
     """With the KMS unreachable, detach cannot know whether the volume will
     attach again: it must refuse without --force and warn with it."""
     d, kms = kit.d, kit.kms
-    key = kms.make_key("k-detach")
-    kit.create("v", key)
-    disk = kit.attach("v")
-    pat = Pattern()
-    pat.write(disk, 0)
+    _, _, disk, pat = kit.key_with_volumes("k-detach", also=())
 
     kms.kms_down()
     try:
@@ -558,8 +539,7 @@ def test_kms_unreachable_detach_needs_force(kit: Kit):
         assert warning.startswith(f"evscrypt: warning: cannot check key state of {who} (")
     finally:
         kms.kms_up()
-    pat.check(kit.attach("v"))
-    kit.detach("v")
+    kit.comes_back("v", pat)
 
 
 def test_wrapped_dk_copied_into_another_header_does_not_unwrap(kit: Kit, tmp_path):
@@ -639,12 +619,7 @@ def test_aws_blackholed_endpoint_with_small_timeouts(make_daemon, tmp_path, requ
     kit = _kit(request, make_daemon, tmp_path, "aws",
                env={"EVSCRYPT_AWS_CONNECT_TIMEOUT": "1", "EVSCRYPT_AWS_READ_TIMEOUT": "1"})
     d, kms, moto = kit.d, kit.kms, kit.kms.moto
-    key = kms.make_key("k-hole")
-    kit.create("v", key)
-    kit.create("w", key)
-    disk = kit.attach("v")
-    pat = Pattern()
-    pat.write(disk, 0)
+    key, _, disk, pat = kit.key_with_volumes("k-hole")
 
     moto.blackhole()
     try:
@@ -661,8 +636,7 @@ def test_aws_blackholed_endpoint_with_small_timeouts(make_daemon, tmp_path, requ
 
     kit.attach("w")
     kit.detach("v")
-    pat.check(kit.attach("v"))
-    kit.detach("v")
+    kit.comes_back("v", pat)
     kit.detach("w")
 
 

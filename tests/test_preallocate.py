@@ -5,6 +5,7 @@ fills the new part with encrypted zeros too."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 
@@ -70,6 +71,38 @@ def test_grown_preallocated_volume_is_filled(store):
     assert all(stored[i:i + SECTOR_SIZE] != ZERO for i in range(0, 2 * MiB, SECTOR_SIZE))
     with store.engine("pre") as (eng, _):
         assert eng.read(1 * MiB, 1 * MiB) == bytes(1 * MiB)
+
+
+def test_larger_copy_of_preallocated_volume(store):
+    """A volume made larger from a snapshot grows like a resize: an encrypted
+    one without zero-unwritten gets encrypted zeros over its new part (with
+    the DK it shares with the source); an unencrypted one keeps a hole
+    there, which reads as zeros all the same."""
+    from evscrypt import clone
+    from evscrypt.snapshots import snapshots
+
+    copies = snapshots(store.home)
+    for name, encrypted in (("enc", True), ("pln", False)):
+        store.create(name, 1 * MiB, encrypted=encrypted, preallocate=True)
+        copies.create(f"s-{name}", store, name, online=None)
+        h = clone.from_copy(store, copies, f"big-{name}", f"s-{name}", clone.Want(), size=3 * MiB)
+        assert h.size == 3 * MiB and ZERO_UNWRITTEN not in h.features and h.encrypted is encrypted
+        with store.engine(f"big-{name}") as (eng, _):
+            assert eng.read(0, 3 * MiB) == bytes(3 * MiB)
+    grown = data_area(store.path("big-enc"), 1 * MiB)
+    with store.data_key("big-enc") as dk:
+        key = bytes(dk.buffer)
+    for n in (256, 511, 767):  # the first, a middle and the last sector of the grown part
+        assert grown[(n - 256) * SECTOR_SIZE:(n - 255) * SECTOR_SIZE] == reference_crypt(key, n, ZERO, encrypt=True)
+    h = header_of(store.path("big-pln"))
+    fd = os.open(store.path("big-pln"), os.O_RDONLY)
+    try:  # the grown part, past the copied 1 MiB, is one hole up to the end
+        assert os.lseek(fd, h.data_offset + 1 * MiB, os.SEEK_HOLE) == h.data_offset + 1 * MiB
+        with pytest.raises(OSError) as e:
+            os.lseek(fd, h.data_offset + 1 * MiB, os.SEEK_DATA)
+        assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.fuse

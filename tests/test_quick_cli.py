@@ -22,8 +22,8 @@ def quick(d, *args: str) -> subprocess.CompletedProcess:
 
 
 def full(d, *args: str) -> subprocess.CompletedProcess:
-    """The click CLI, always (evscrypt.cli.main)."""
-    code = "import sys; from evscrypt.cli import main; sys.exit(main(sys.argv[1:]))"
+    """The click CLI, always (evscrypt.cli.root.main)."""
+    code = "import sys; from evscrypt.cli.root import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *args], env=d.env, capture_output=True, text=True,
                           timeout=60)
 

@@ -8,7 +8,7 @@ import pytest
 
 from copy_helpers import MiB, rand, state_leftovers
 from evscrypt import errors
-from evscrypt.cli import main
+from evscrypt.cli.root import main
 from evscrypt.kms.aws import AwsKMS
 from evscrypt.volumes import VolumeStore, encryption_context
 from kms_fixtures import moto_kms  # noqa: F401  (fixture used by name)

@@ -14,8 +14,6 @@ import time
 import pytest
 
 from daemon_fixture import daemon, is_mounted, make_daemon, needs_fio  # noqa: F401  (fixtures by name)
-from evscrypt import client
-from evscrypt.paths import socket_path
 
 pytestmark = pytest.mark.fuse
 
@@ -23,7 +21,7 @@ KEY_STATE, DAEMON_UNAVAILABLE = 12, 19
 
 
 def io_counters(d, name: str) -> dict:
-    for v in client.call(socket_path(d.runtime), "status", timeout=60)["volumes"]:
+    for v in d.client().status()["volumes"]:
         if v["name"] == name:
             return v["io"]
     raise AssertionError(f"{name} is not attached")

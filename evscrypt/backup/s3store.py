@@ -25,34 +25,31 @@ MAX_ATTEMPTS = int(os.environ.get("EVSCRYPT_S3_MAX_ATTEMPTS", "5"))
 
 _DENIED = ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled")
-_MISSING = ("NoSuchKey", "404", "NotFound")
+#: S3's refusals that mean "not there", and what each says of it.
+_MISSING = {"NoSuchBucket": "the bucket does not exist", "NoSuchKey": "not found", "404": "not found",
+            "NotFound": "not found"}
 
 
 def _convert(e: Exception, what: str) -> Exception:
     """One botocore/boto3 exception -> one evscrypt error with a one-line message."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore import exceptions as bx
 
-    if isinstance(e, bx.ClientError):
-        err = e.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        msg = (err.get("Message") or code).splitlines()[0] if (err.get("Message") or code) else code
-        if code == "NoSuchBucket":
-            return NotFound(f"{what}: the bucket does not exist")
+    refused = awsdeps.refusal(e)
+    if refused:
+        code, msg = refused
         if code in _MISSING:
-            return NotFound(f"{what}: not found")
+            return NotFound(f"{what}: {_MISSING[code]}")
         if code in _DENIED:
             return PermissionDenied(f"{what}: access denied by S3 ({code})")
         return StorageError(f"{what}: S3 refused ({code}): {msg}")
     if isinstance(e, S3UploadFailedError):
         return StorageError(f"{what}: upload failed: {str(e).splitlines()[0]}")
-    if isinstance(e, bx.NoCredentialsError):
-        return PermissionDenied("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                                "AWS_PROFILE or an instance role")
-    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
-                      bx.ConnectionClosedError)):
+    kind = awsdeps.failure(e)
+    if kind == awsdeps.CREDENTIALS:
+        return PermissionDenied(awsdeps.NO_CREDENTIALS)
+    if kind == awsdeps.UNREACHABLE:
         return StorageError(f"{what}: S3 endpoint unreachable ({type(e).__name__})")
-    if isinstance(e, bx.BotoCoreError):
+    if kind is not None:  # no region is no special case for S3: boto3 has a default endpoint
         return StorageError(f"{what}: S3 call failed ({type(e).__name__}: {e})")
     return e
 
@@ -70,13 +67,9 @@ class S3Store(BackupStore):
     @property
     def client(self):
         if self._client is None:
-            boto3, Config = awsdeps.require("S3 backups (s3://)")
-            try:
-                self._client = boto3.client("s3", config=Config(
-                    connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"}))
-            except Exception as e:
-                raise self._converted(e, self.url)
+            self._client = awsdeps.client("s3", "S3 backups (s3://)", lambda e: self._converted(e, self.url),
+                                          connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                                          max_attempts=MAX_ATTEMPTS)
         return self._client
 
     @staticmethod

@@ -16,11 +16,12 @@ import shutil
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import Busy
 from .. import tempentry
 from ..image import header as hdr
 from ..image.copy import read_chunks
-from ..snapshots import Online, capture
+from ..offline import offline_or_daemon
+from ..paths import COPY_IMAGE, backup_scratch
+from ..snapshots import Online, copy_by_daemon
 from ..volumes import VolumeStore
 from .manifest import CHUNK_SIZE, Manifest, new_id
 from .store import BackupStore
@@ -73,22 +74,24 @@ def backup_volume(volumes: VolumeStore, name: str, store: BackupStore, online: O
     temporary file in the state directory; that copy is backed up and removed.
     """
     known = store.known_chunks()  # first: a bad DEST fails before any copy is made
-    try:
+
+    def offline() -> Result:
         with volumes.locked(name) as op:
             return write_backup(store, op.fd, op.header, name, progress, known)
-    except Busy:
-        if online is None:
-            raise
-    tmpdir = volumes.home / "snapshots"
-    tmpdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with tempentry.held(tmpdir / f"backup-{name}", directory=True, mode=0o700) as (tmp, _):
-        try:
-            image = tmp / "image"
-            h, _ = capture(volumes, name, image, online)
-            fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+
+    def by_daemon() -> Result:
+        scratch = backup_scratch(volumes.home, name)
+        scratch.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempentry.held(scratch, directory=True, mode=0o700) as (tmp, _):
             try:
-                return write_backup(store, fd, h, name, progress, known)
+                image = tmp / COPY_IMAGE
+                h, _ = copy_by_daemon(volumes, name, image, online)
+                fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    return write_backup(store, fd, h, name, progress, known)
+                finally:
+                    os.close(fd)
             finally:
-                os.close(fd)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return offline_or_daemon(name, offline, None if online is None else by_daemon)

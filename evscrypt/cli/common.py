@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import click
 
 from .. import client
-from ..errors import Busy, DaemonUnavailable, InvalidArgument, NotFound, PermissionDenied
-from ..entry import warn  # noqa: F401  (one place for the warning format)
+from ..errors import InvalidArgument, NotFound, PermissionDenied
+from .core import warn  # noqa: F401  (one place for the warning format)
 from ..paths import default_runtime_dir, socket_path
 
 if TYPE_CHECKING:
@@ -56,6 +56,11 @@ class Env:
     debug: bool = False
     runtime: Path = field(default_factory=default_runtime_dir)
     _store: "VolumeStore | None" = None
+
+    @property
+    def daemon(self) -> client.Client:
+        """The control socket of this runtime directory's daemon."""
+        return client.Client(socket_path(self.runtime))
 
     @property
     def store(self) -> "VolumeStore":
@@ -122,20 +127,11 @@ def long_operation(fn):
     return wrapper
 
 
-#: A quiesced copy of an attached volume can take a while on a filesystem
-#: without reflinks; the daemon stops by itself if the CLI goes away.
-SNAPSHOT_TIMEOUT = 6 * 3600.0
-
-
 def daemon_snapshot(env: Env):
     """The ``online`` capture for snapshots.capture: the daemon copies an
     attached volume with its writes quiesced."""
     def online(name: str, dest: Path, uuid: str) -> None:
-        try:
-            client.call(socket_path(env.runtime), "snapshot", timeout=SNAPSHOT_TIMEOUT, name=name,
-                        dest=str(Path(dest).absolute()), uuid=uuid)
-        except DaemonUnavailable as e:
-            raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
+        env.daemon.snapshot(name, str(Path(dest).absolute()), uuid)
     return online
 
 

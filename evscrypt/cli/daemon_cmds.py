@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from .. import client, entry
+from .. import client
 from ..errors import DaemonUnavailable, EvscryptError
-from ..paths import socket_path
+from . import core
 from .common import Env, emit_json, human_size, pass_env, table, warn
 
 
@@ -38,7 +38,7 @@ def attach(env: Env, name, mount_dir, mkfs):
     """Attach volume NAME: unwrap its key and expose it as a disk file."""
     if mkfs and not mount_dir:
         raise click.UsageError("--mkfs needs --mount")
-    entry.attach(env.runtime, name, str(mount_dir.absolute()) if mount_dir else None, mkfs)
+    core.attach(env.runtime, name, str(mount_dir.absolute()) if mount_dir else None, mkfs)
 
 
 @click.command()
@@ -48,7 +48,7 @@ def attach(env: Env, name, mount_dir, mkfs):
 @pass_env
 def detach(env: Env, name, force, as_json):
     """Detach volume NAME: unmount, flush, and wipe its key from memory."""
-    entry.detach(env.runtime, name, force, as_json)
+    core.detach(env.runtime, name, force, as_json)
 
 
 @click.command()
@@ -62,12 +62,11 @@ def stop(env: Env, force, as_json):
     Refused (exit 12) while an attached volume could not be attached again:
     its CMK is Disabled, PendingDeletion or Deleted, or its owner may no
     longer use the key.  The daemon then keeps running, I/O unaffected."""
-    sock = socket_path(env.runtime)
     fd = None
     try:
-        pid = client.daemon_pid(sock)
+        pid = env.daemon.daemon_pid()
         fd = client.pidfd(pid)
-        r = client.call(sock, "stop", force=force)
+        r = env.daemon.stop(force=force)
     except EvscryptError as e:
         if fd is not None:
             os.close(fd)
@@ -93,7 +92,7 @@ def stop(env: Env, force, as_json):
 def status(env: Env, as_json):
     """Show whether the daemon is up and what is attached (exit 0 only if it answers)."""
     try:
-        r = client.call(socket_path(env.runtime), "status", timeout=60)
+        r = env.daemon.status()
     except DaemonUnavailable as e:
         if as_json:
             emit_json({"running": False, "error": e.message})

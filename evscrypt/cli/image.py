@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 from .. import clone
+from ..catalog import IMAGE
 from ..kms import BACKENDS
 from ..snapshots import images
 from .common import Env, encryption_wanted, human_size, long_operation, pass_env, progress_bar
-from .snapshot import show_copies, show_one, take_copy
+from .copies import add_info_and_delete, show_copies, take_copy
 
 
 @click.group()
@@ -26,9 +27,7 @@ def image():
 @long_operation
 def create(env: Env, name, volume):
     """Make image NAME of volume VOL (it keeps the volume's encryption and key)."""
-    meta = take_copy(env, images(env.home), name, volume)
-    click.echo(f"created image {name} from {volume} ({human_size(meta['size'])}, "
-               f"{'encrypted' if meta['encrypted'] else 'not encrypted'})")
+    take_copy(env, images(env.home), name, volume, "from")
 
 
 @image.command()
@@ -66,16 +65,7 @@ def copy(env: Env, src, dst, encrypt, no_encrypt, kms, key):
 @pass_env
 def list_(env: Env, as_json):
     """List images."""
-    show_copies(images(env.home).list(), as_json, "image")
-
-
-@image.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_env
-def info(env: Env, name, as_json):
-    """Show image NAME."""
-    show_one(env, images(env.home).info(name), as_json)
+    show_copies(images(env.home), as_json)
 
 
 @image.command()
@@ -94,10 +84,4 @@ def export(env: Env, name, dest):
     click.echo(f"exported image {name} to {os.fspath(out)} ({human_size(meta['size'])}, raw)")
 
 
-@image.command()
-@click.argument("name")
-@pass_env
-def delete(env: Env, name):
-    """Delete image NAME (volumes made from it are independent and stay)."""
-    images(env.home).delete(name)
-    click.echo(f"deleted image {name}")
+add_info_and_delete(image, IMAGE, images)

@@ -35,6 +35,19 @@ def key():
     """Customer master keys (CMKs)."""
 
 
+def key_command(name: str | None = None, **kw):
+    """``key NAME KEY [its own options] --kms``: put the command's own
+    options between this and :func:`with_kms`, which must come last."""
+    def decorate(fn):
+        return key.command(name, **kw)(click.argument("key_ref", metavar="KEY")(fn))
+    return decorate
+
+
+def with_kms(fn):
+    """The --kms option and the Env: the last decorators of a key command."""
+    return kms_option(pass_env(fn))
+
+
 @key.command()
 @click.argument("alias")
 @click.option("--description", default="", help="Free text.")
@@ -63,56 +76,40 @@ def list_(env: Env, as_json, kms):
           ["ALIAS", "KEY ID", "STATE", "DELETION DATE", "DESCRIPTION"])
 
 
-@key.command()
-@click.argument("key_ref", metavar="KEY")
+@key_command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@kms_option
-@pass_env
+@with_kms
 def describe(env: Env, key_ref, as_json, kms):
     """Describe KEY (id, ARN or alias)."""
     _show(env.store.backend(kms).describe(key_ref), as_json)
 
 
-@key.command()
-@click.argument("key_ref", metavar="KEY")
-@kms_option
-@pass_env
-def enable(env: Env, key_ref, kms):
-    """Enable KEY."""
-    info = _lifecycle(env, kms).enable(key_ref)
-    click.echo(f"key {info.alias or info.key_id} is {info.state}")
+def _state_change(name: str, change: str, doc: str) -> click.Command:
+    """A command that makes one lifecycle change ``change`` (the backend's
+    method) to KEY and says the key's state afterwards."""
+    @key_command(name, help=doc)
+    @with_kms
+    def command(env: Env, key_ref, kms):
+        info = getattr(_lifecycle(env, kms), change)(key_ref)
+        click.echo(f"key {info.alias or info.key_id} is {info.state}")
+    return command
 
 
-@key.command()
-@click.argument("key_ref", metavar="KEY")
-@kms_option
-@pass_env
-def disable(env: Env, key_ref, kms):
-    """Disable KEY: attached volumes keep working; detached ones cannot attach."""
-    info = _lifecycle(env, kms).disable(key_ref)
-    click.echo(f"key {info.alias or info.key_id} is {info.state}")
+enable = _state_change("enable", "enable", "Enable KEY.")
+disable = _state_change("disable", "disable",
+                        "Disable KEY: attached volumes keep working; detached ones cannot attach.")
+cancel_deletion = _state_change("cancel-deletion", "cancel_deletion",
+                                "Cancel a scheduled deletion; the key returns to Disabled.")
 
 
-@key.command("schedule-deletion")
-@click.argument("key_ref", metavar="KEY")
+@key_command("schedule-deletion")
 @click.option("--days", type=int, default=DEFAULT_DELETION_DAYS, show_default=True,
               help=f"Waiting period, {MIN_DELETION_DAYS} to {MAX_DELETION_DAYS} days.")
-@kms_option
-@pass_env
+@with_kms
 def schedule_deletion(env: Env, key_ref, days, kms):
     """Schedule KEY for deletion.  When it is deleted, its volumes are lost."""
     info = _lifecycle(env, kms).schedule_deletion(key_ref, days)
     click.echo(f"key {info.alias or info.key_id} is {info.state}; it will be deleted on {info.deletion_date}")
-
-
-@key.command("cancel-deletion")
-@click.argument("key_ref", metavar="KEY")
-@kms_option
-@pass_env
-def cancel_deletion(env: Env, key_ref, kms):
-    """Cancel a scheduled deletion; the key returns to Disabled."""
-    info = _lifecycle(env, kms).cancel_deletion(key_ref)
-    click.echo(f"key {info.alias or info.key_id} is {info.state}")
 
 
 @key.command("purge-due")
@@ -150,11 +147,9 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-@key.command()
-@click.argument("key_ref", metavar="KEY")
+@key_command()
 @click.option("--to", "user", required=True, metavar="USER", help="The user who may use the key.")
-@kms_option
-@pass_env
+@with_kms
 def grant(env: Env, key_ref, user, kms):
     """Let USER use KEY for their volumes (the cloud's cross-account grant)."""
     backend = _lifecycle(env, kms)
@@ -164,22 +159,18 @@ def grant(env: Env, key_ref, user, kms):
     click.echo(f"granted key {info.alias or info.key_id} to {user}")
 
 
-@key.command()
-@click.argument("key_ref", metavar="KEY")
+@key_command()
 @click.option("--from", "user", required=True, metavar="USER", help="The user to take the grant from.")
-@kms_option
-@pass_env
+@with_kms
 def revoke(env: Env, key_ref, user, kms):
     """Take back a grant: USER's volumes under KEY no longer attach."""
     info = _lifecycle(env, kms).revoke(key_ref, user_uid(user))
     click.echo(f"revoked the grant of key {info.alias or info.key_id} from {user}")
 
 
-@key.command("list-grants")
-@click.argument("key_ref", metavar="KEY")
+@key_command("list-grants")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@kms_option
-@pass_env
+@with_kms
 def list_grants(env: Env, key_ref, as_json, kms):
     """Show who was granted KEY."""
     uids = _lifecycle(env, kms).list_grants(key_ref)

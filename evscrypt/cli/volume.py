@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from .. import clone, client
+from .. import clone
 from ..backup import open_store, parse_source, reader
-from ..errors import Busy, DaemonUnavailable, NotFound
 from ..kms import BACKENDS
-from ..paths import socket_path
+from ..offline import offline_or_daemon
 from ..snapshots import images, snapshots
 from ..volumes import check_grow, cryptsetup_command
 from .common import (
@@ -114,27 +113,21 @@ def resize(env: Env, name, size):
     current = env.store.header(name).size
     new = current + parse_size(size[1:]) if size.startswith("+") else parse_size(size)
     check_grow(current, new)
-    for _ in range(3):  # the volume may be attached or detached between the two tries
-        try:
-            h = env.store.grow(name, new)
-            click.echo(f"resized volume {name} to {human_size(h.size)}")
-            return
-        except Busy:
-            pass
-        try:
-            r = client.call(socket_path(env.runtime), "resize", name=name, size=new)
-        except NotFound:
-            continue
-        except DaemonUnavailable as e:
-            raise Busy(f"volume {name!r} is locked but the daemon does not answer ({e.message})")
+
+    def offline() -> None:
+        h = env.store.grow(name, new)
+        click.echo(f"resized volume {name} to {human_size(h.size)}")
+
+    def by_daemon() -> None:
+        r = env.daemon.resize(name, new)
         click.echo(f"resized volume {name} to {human_size(r['size'])} (attached: {r['path']} has grown)")
         for w in r.get("warnings", []):
             warn(w)
         if r.get("mount") and not r.get("warnings"):
             m = r["mount"]
             click.echo(f"grew the {m['fstype']} filesystem on {m['loop']} at {m['mountpoint']}", err=True)
-        return
-    raise Busy(f"volume {name!r} is locked, but not by this host's daemon; try again later")
+
+    offline_or_daemon(name, offline, by_daemon)
 
 
 @volume.command("list")

@@ -102,7 +102,7 @@ class ControlServer:
                 await stream.send_all(self._encode(resp))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the client went away
-            if op == "stop" and resp["ok"]:
+            if op is protocol.STOP and resp["ok"]:
                 # only now: exiting earlier would cancel this very answer
                 self.stop_requested.set()
 
@@ -123,32 +123,23 @@ class ControlServer:
             resp = protocol.error(EvscryptError("internal daemon error: response is not JSON"))
         return protocol.encode(resp)
 
-    async def dispatch(self, op: str, args: dict, uid: int):
-        def arg(name, typ, default=None, required=False):
-            v = args.get(name, default)
-            if required and v is None:
-                raise ProtocolError(f"{op}: missing argument {name!r}")
-            if v is not None and not isinstance(v, typ):
-                raise ProtocolError(f"{op}: argument {name!r} has the wrong type")
-            return v
+    async def dispatch(self, op: protocol.Op, args: dict, uid: int):
+        """Serve one request of user ``uid``, its arguments checked (protocol.parse_request)."""
+        return await HANDLERS[op](self.m, uid=uid, **args)
 
-        if op == "ping":
-            return {"pong": True, "pid": os.getpid()}
-        if op == "status":
-            return await self.m.status(uid=uid)
-        if op == "attach":
-            return await self.m.attach(arg("name", str, required=True), uid,
-                                       mount=arg("mount", str), mkfs=arg("mkfs", str))
-        if op == "detach":
-            return await self.m.detach(arg("name", str, required=True), uid, force=bool(arg("force", bool, False)))
-        if op == "snapshot":
-            return await self.m.snapshot(arg("name", str, required=True), arg("dest", str, required=True), uid,
-                                         uuid=arg("uuid", str))
-        if op == "stop":
-            return await self.m.stop(uid, force=bool(arg("force", bool, False)))
-        if op == "resize":
-            size = arg("size", int, required=True)
-            if isinstance(size, bool):
-                raise ProtocolError("resize: argument 'size' has the wrong type")
-            return await self.m.resize(arg("name", str, required=True), size, uid)
-        raise ProtocolError(f"operation {op!r} is not available")
+
+async def _ping(manager: VolumeManager, uid: int) -> dict:
+    return {"pong": True, "pid": os.getpid()}
+
+
+#: What serves each operation of evscrypt.protocol (which says its
+#: arguments): ``handler(manager, uid=caller, **arguments)``.
+HANDLERS = {
+    protocol.PING: _ping,
+    protocol.STATUS: VolumeManager.status,
+    protocol.ATTACH: VolumeManager.attach,
+    protocol.DETACH: VolumeManager.detach,
+    protocol.SNAPSHOT: VolumeManager.snapshot,
+    protocol.RESIZE: VolumeManager.resize,
+    protocol.STOP: VolumeManager.stop,
+}

@@ -62,18 +62,25 @@ def loops_backing(path: Path) -> list[str]:
     return sorted(found)
 
 
-def mounts_of(device: str) -> list[str]:
-    """Mount points where ``device`` is mounted."""
-    out = []
+def _mounts() -> list[tuple[str, str]]:
+    """(device, mount point) of each mount, from /proc/self/mounts: it lists
+    a dead FUSE mount too, where a stat of the mount point would hang or fail."""
     try:
         lines = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
-        return out
-    for line in lines:
-        f = line.split()
-        if len(f) >= 2 and f[0] == device:
-            out.append(f[1].replace("\\040", " "))
-    return out
+        return []
+    return [(f[0], f[1].replace("\\040", " ")) for f in map(str.split, lines) if len(f) >= 2]
+
+
+def mounts_of(device: str) -> list[str]:
+    """Mount points where ``device`` is mounted."""
+    return [mp for dev, mp in _mounts() if dev == device]
+
+
+def is_mountpoint(path) -> bool:
+    """Is something mounted on ``path``?"""
+    target = os.path.realpath(path)
+    return any(mp == target for _, mp in _mounts())
 
 
 def setup(disk: Path, mountpoint: Path, mkfs: str | None) -> MountInfo:

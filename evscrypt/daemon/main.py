@@ -29,7 +29,7 @@ import trio
 from .. import client, tempentry
 from ..crypto import backend
 from ..errors import Busy, DaemonUnavailable, EvscryptError, MemoryProtectionError
-from ..paths import socket_path
+from ..paths import disks_dir, socket_path
 from ..secret import lock_all_memory, set_nondumpable
 from ..volumes import VolumeStore
 from . import datapath, loopmount
@@ -46,27 +46,15 @@ log = logging.getLogger("evscrypt.daemon")
 FUSE_THREADS = int(os.environ.get("EVSCRYPT_FUSE_THREADS", "1"))
 
 
-def _is_mountpoint(path: Path) -> bool:
-    target = os.path.realpath(path)
-    try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            f = line.split()
-            if len(f) >= 2 and f[1].replace("\\040", " ") == target:
-                return True
-    except OSError:
-        pass
-    return False
-
-
 def cleanup_stale(mountpoint: Path) -> None:
     for what in loopmount.cleanup_stale(mountpoint):
         log.warning("stale state from a previous run: %s", what)
-    if _is_mountpoint(mountpoint):
+    if loopmount.is_mountpoint(mountpoint):
         log.warning("unmounting stale FUSE mount at %s", mountpoint)
         p = subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, text=True)
         if p.returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
-    if _is_mountpoint(mountpoint):
+    if loopmount.is_mountpoint(mountpoint):
         raise Busy(f"{mountpoint} is still mounted and cannot be cleaned up")
 
 
@@ -147,10 +135,10 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     dp, xts = datapath.probe(), backend.describe(backend.choose())
     log.info("data path: %s; XTS: %s", dp.describe(), xts)
     runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
-    mountpoint = Path(mountpoint or runtime / "disks")
+    mountpoint = Path(mountpoint or disks_dir(runtime))
     sock = socket_path(runtime)
     try:
-        client.call(sock, "ping", timeout=5)
+        client.Client(sock).ping()
     except DaemonUnavailable:
         pass
     else:

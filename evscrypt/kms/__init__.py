@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..paths import kms_dir
 from .base import Access, KMSBackend, KeyInfo, KeyState
 
 BACKENDS = ("local", "aws")
@@ -15,7 +16,7 @@ def open_backend(name: str, home: Path) -> KMSBackend:
     if name == "local":
         from .local import LocalKMS
 
-        return LocalKMS(home / "kms" / "local")
+        return LocalKMS(kms_dir(home, name))
     if name == "aws":
         try:
             from .aws import AwsKMS

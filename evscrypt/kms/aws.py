@@ -35,12 +35,10 @@ _DENIED = ("AccessDeniedException", "UnrecognizedClientException", "InvalidSigna
 
 def _convert(e: Exception, key: str | None) -> Exception:
     """One botocore exception -> one evscrypt error with a one-line message."""
-    from botocore import exceptions as bx
-
     what = f"key {key}" if key else "AWS KMS"
-    if isinstance(e, bx.ClientError):
-        code = e.response.get("Error", {}).get("Code", "")
-        msg = (e.response.get("Error", {}).get("Message") or code).splitlines()[0]
+    refused = awsdeps.refusal(e)
+    if refused:
+        code, msg = refused
         if code == "NotFoundException":
             return KeyNotFound(f"{what} not found in AWS KMS")
         if code in _STATE_ERRORS:
@@ -54,15 +52,14 @@ def _convert(e: Exception, key: str | None) -> Exception:
                                      "ServiceUnavailableException", "InternalFailure"):
             return KMSUnavailable(f"AWS KMS is unavailable ({code}) after {MAX_ATTEMPTS} attempts")
         return KMSError(f"AWS KMS refused ({code}): {msg}")
-    if isinstance(e, bx.NoCredentialsError):
-        return KMSAccessDenied("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                               "AWS_PROFILE or an instance role")
-    if isinstance(e, bx.NoRegionError):
+    kind = awsdeps.failure(e)
+    if kind == awsdeps.CREDENTIALS:
+        return KMSAccessDenied(awsdeps.NO_CREDENTIALS)
+    if kind == awsdeps.REGION:
         return KMSError("no AWS region configured: set AWS_REGION or AWS_DEFAULT_REGION")
-    if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
-                      bx.ConnectionClosedError)):
+    if kind == awsdeps.UNREACHABLE:
         return KMSUnavailable(f"AWS KMS endpoint unreachable: {type(e).__name__}")
-    if isinstance(e, bx.BotoCoreError):
+    if kind == awsdeps.BOTOCORE:
         return KMSError(f"AWS KMS call failed: {type(e).__name__}")
     return e
 
@@ -79,13 +76,9 @@ class AwsKMS(KMSBackend):
     @property
     def client(self):
         if self._client is None:
-            boto3, Config = awsdeps.require("AWS KMS (--kms aws)")
-            try:
-                self._client = boto3.client("kms", config=Config(
-                    connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
-                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"}))
-            except Exception as e:
-                raise _convert(e, None)
+            self._client = awsdeps.client("kms", "AWS KMS (--kms aws)", lambda e: _convert(e, None),
+                                          connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
+                                          max_attempts=MAX_ATTEMPTS)
         return self._client
 
     def _call(self, key: str | None, op: str, **kw):
