@@ -21,8 +21,6 @@ import subprocess
 import pytest
 
 from daemon_fixture import daemon, make_daemon, needs_fio, read_direct  # noqa: F401
-from evscrypt import client
-from evscrypt.paths import socket_path
 
 pytestmark = pytest.mark.fuse
 
@@ -30,7 +28,7 @@ MiB = 1 << 20
 
 
 def fuse_requests(d) -> dict[str, int]:
-    return client.call(socket_path(d.runtime), "status", timeout=30)["fuse_requests"]
+    return d.client(timeout=30).status()["fuse_requests"]
 
 
 def since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
