@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 from .errors import EvscryptError, ProtocolError, error_classes
+from .jsondoc import load_object
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
@@ -97,12 +98,7 @@ def encode(obj: dict) -> bytes:
 def decode(line: bytes) -> dict:
     if len(line) > MAX_MESSAGE:
         raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise ProtocolError("message is not valid JSON")
-    if not isinstance(obj, dict):
-        raise ProtocolError("message is not a JSON object")
+    obj = load_object(line, ProtocolError, "message")
     if obj.get("v") != VERSION:
         raise ProtocolError(f"unsupported protocol version {obj.get('v')!r}; this side speaks {VERSION}")
     return obj

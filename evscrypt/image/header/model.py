@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from ...errors import FormatError, UnsupportedFeature
 from ...format import CIPHER_NAME, HEADER_AREA, SECTOR_SIZE, ZERO_UNWRITTEN
+from ...jsondoc import load_object
 
 #: Feature flags this version understands.  Every flag is "incompatible": an
 #: image naming a flag not listed here is refused rather than misread.
@@ -77,13 +78,7 @@ class Header:
 
     @classmethod
     def from_json(cls, payload: bytes) -> "Header":
-        try:
-            d = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise FormatError("header payload is not valid JSON")
-        if not isinstance(d, dict):
-            raise FormatError("header payload is not a JSON object")
-        return cls._validated(d)
+        return cls._validated(load_object(payload, FormatError, "header payload"))
 
     @classmethod
     def _validated(cls, d: dict) -> "Header":
