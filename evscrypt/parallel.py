@@ -66,3 +66,13 @@ def split_run(count: int, fn) -> None:
     finally:
         with _busy_lock:
             _busy -= 1
+
+
+def shutdown() -> None:
+    """Stop the pool's threads once its parts are done (the daemon, as it
+    stops); a later split_run starts a new pool."""
+    global _pool_obj
+    with _pool_lock:
+        pool, _pool_obj = _pool_obj, None
+    if pool is not None:
+        pool.shutdown(wait=True)

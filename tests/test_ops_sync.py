@@ -19,8 +19,11 @@ import pyfuse3
 import pytest
 import trio
 
-from evscrypt.daemon.manager import Attachment, VolumeManager
+from evscrypt.daemon.attachment import Attachment
+from evscrypt.daemon.kernel import FuseKernel
+from evscrypt.daemon.manager import VolumeManager
 from evscrypt.daemon.ops import Operations
+from evscrypt.daemon.pools import Pools
 from evscrypt.volumes import VolumeStore
 
 MiB = 1 << 20
@@ -32,7 +35,8 @@ def setup(tmp_path):
     (inode 2) and open (handle 7), on a real image file."""
     store = VolumeStore(tmp_path / "home")
     store.create("v", MiB, encrypted=False)
-    m = VolumeManager(store, tmp_path / "disks")
+    pools = Pools.sized(4)
+    m = VolumeManager(store, tmp_path / "disks", FuseKernel(), pools)
     ops = Operations(m)
     vol = store.open_volume("v")
     a = Attachment(name="v", vol=vol, engine=vol.engine(), owner=0, inode=2)
@@ -42,8 +46,7 @@ def setup(tmp_path):
     try:
         yield ops, m, a
     finally:
-        ops._io_pool.shutdown()
-        ops._fsync_pool.shutdown()
+        pools.close()
         a.close()
 
 

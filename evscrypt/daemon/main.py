@@ -16,8 +16,8 @@ teardown is ignored instead of killing the daemon half-way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -34,16 +34,13 @@ from ..secret import lock_all_memory, set_nondumpable
 from ..volumes import VolumeStore
 from . import datapath, loopmount
 from .control import ControlServer
+from .kernel import FuseKernel
 from .manager import VolumeManager
 from .notify import sd_notify
 from .ops import Operations
+from .pools import FUSE_THREADS, Pools
 
 log = logging.getLogger("evscrypt.daemon")
-#: FUSE worker threads, which receive every request and serve small reads
-#: and writes themselves (large ones go to the I/O threads).  One is fastest
-#: here: a second one mostly trades the GIL back and forth
-#: (docs/PERFORMANCE.md).  A tuning knob for benchmarks.
-FUSE_THREADS = int(os.environ.get("EVSCRYPT_FUSE_THREADS", "1"))
 
 
 def cleanup_stale(mountpoint: Path) -> None:
@@ -147,22 +144,22 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     collect_temporary(home)
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
-    manager = VolumeManager(VolumeStore(home), mountpoint)
+    pools = Pools.sized()
+    manager = VolumeManager(VolumeStore(home), mountpoint, FuseKernel(), pools)
     manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts)
     ops = Operations(manager)
     options = set(pyfuse3.default_options)
     options |= {"fsname=evscrypt", "subtype=evscrypt", "allow_other"}
-    try:
-        pyfuse3.init(ops, str(mountpoint), options)
-    except RuntimeError as e:
-        raise EvscryptError(f"cannot mount FUSE at {mountpoint}: {e}")
-    unmounted = False
-    try:
+    # Teardown in the reverse order of set-up (S3QL's mount.py does the
+    # same): the pools drain the requests they still reply to, then the
+    # FUSE mount goes.  By then every key is wiped (_serve detaches all).
+    with contextlib.ExitStack() as teardown:
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as e:
+            raise EvscryptError(f"cannot mount FUSE at {mountpoint}: {e}")
+        teardown.callback(pyfuse3.close, unmount=True)
+        teardown.callback(pools.close)
         trio.run(_serve, manager, ControlServer(manager, sock, socket_group), dp.main(FUSE_THREADS))
-        pyfuse3.close(unmount=True)
-        unmounted = True
-    finally:
-        if not unmounted:
-            pyfuse3.close(unmount=True)
     log.info("stopped")
     return 0

@@ -15,10 +15,8 @@ header MAC is resealed with the MAC key derived at attach, not the DK.
 
 Locks: ``_name_locks[name]`` (trio) serialises attach, detach, snapshot and
 resize of one volume, so none of them races another on the same name.
-Everything else in here runs on the trio thread, except the I/O accounting
-of an attachment: reads and writes run in FUSE worker threads, so
-``Attachment.lock`` guards the in-flight count, the detached flag and the
-counters (see :meth:`Attachment.io_begin`).
+Everything in here runs on the trio thread; an attachment's requests run
+in FUSE worker threads too, and attachment.py says how it guards itself.
 """
 
 from __future__ import annotations
@@ -26,9 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -37,126 +33,30 @@ from ..errors import Busy, EvscryptError, KeyStateError, NotFound, PermissionDen
 from ..image import header as hdr
 from ..image.backing import storage_error
 from ..image.copy import sparse_copy
-from ..image.engine import Engine
 from ..kms.base import KeyState
 from ..names import check_name
 from ..reattach import Verdict, check as check_reattach
-from ..volumes import OpenVolume, VolumeStore, check_grow, grow_image
+from ..volumes import VolumeStore, check_grow, grow_image
 from . import loopmount
-from .gate import WriteGate
+from .attachment import Attachment
+from .kernel import FuseKernel
+from .pools import Pools
 
 log = logging.getLogger("evscrypt.manager")
 
-#: Worker threads for crypto, pread/pwrite and fsync; 2 cores here, but I/O
-#: waits overlap, so a few more threads than cores keep the disk busy.
-IO_THREADS = 8
 #: How long `status` waits for key states before answering with the last known.
 STATUS_KMS_DEADLINE = 3.0
 
 
-@dataclass
-class Counters:
-    reads: int = 0
-    writes: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    fsyncs: int = 0
-    discards: int = 0
-    errors: int = 0
-
-
-@dataclass
-class Attachment:
-    name: str
-    vol: OpenVolume  # the open, locked image with its keys (wiped by close)
-    engine: Engine
-    owner: int
-    inode: int
-    gate: WriteGate = field(default_factory=WriteGate)
-    attached_at: float = field(default_factory=time.time)
-    opened: int = 0  # open FUSE file handles
-    inflight: int = 0  # I/O requests running now
-    failed: str | None = None  # why the backing image stopped working
-    detached: bool = False
-    mount: loopmount.MountInfo | None = None
-    counters: Counters = field(default_factory=Counters)
-    key_state: str | None = None
-    reattach: Verdict | None = None  # the last answer to "could it attach again?"
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def size(self) -> int:
-        return self.header.size
-
-    @property
-    def header(self) -> hdr.Header:
-        return self.vol.header
-
-    @property
-    def fd(self) -> int:
-        return self.vol.fd
-
-    def io_begin(self) -> bool:
-        """Count a request in; False if the volume is detached or failed.
-
-        Detach sets ``detached`` under the same lock and then waits for the
-        count to drain, so no request can start after detach has looked and
-        still be using the key when it is wiped.
-        """
-        with self.lock:
-            if self.detached or self.failed:
-                return False
-            self.inflight += 1
-            return True
-
-    def io_done(self, reads: int = 0, writes: int = 0, bytes_read: int = 0, bytes_written: int = 0,
-                fsyncs: int = 0, discards: int = 0, errors: int = 0) -> None:
-        """Count a request out and add to the counters (every read and write
-        passes here: plain arguments, not a loop over names)."""
-        with self.lock:
-            self.inflight -= 1
-            c = self.counters
-            c.reads += reads
-            c.writes += writes
-            c.bytes_read += bytes_read
-            c.bytes_written += bytes_written
-            c.fsyncs += fsyncs
-            c.discards += discards
-            c.errors += errors
-
-    def read_done(self, nbytes: int) -> None:
-        """io_done for a read that succeeded: the 4 KiB path's short form."""
-        with self.lock:
-            self.inflight -= 1
-            c = self.counters
-            c.reads += 1
-            c.bytes_read += nbytes
-
-    def write_done(self, nbytes: int) -> None:
-        """io_done for a write that succeeded (an empty one counts no write)."""
-        with self.lock:
-            self.inflight -= 1
-            if nbytes:
-                c = self.counters
-                c.writes += 1
-                c.bytes_written += nbytes
-
-    def mark_detached(self) -> None:
-        with self.lock:
-            self.detached = True
-
-    def close(self) -> None:
-        """Wipe the keys and release the image (and with it the lock).  The
-        engine keeps its cipher, now closed: any late use raises rather than
-        falls back to plaintext, and its fd is no longer the image's."""
-        self.engine.fd = -1
-        self.vol.close()
-
-
 class VolumeManager:
-    def __init__(self, store: VolumeStore, disks: Path):
+    """``kernel`` is told when the mount's contents change (kernel.py);
+    ``pools`` gives the limiters of the worker threads (pools.py)."""
+
+    def __init__(self, store: VolumeStore, disks: Path, kernel: FuseKernel, pools: Pools):
         self.store = store
         self.disks = disks
+        self.kernel = kernel
+        self.pools = pools
         self.by_name: dict[str, Attachment] = {}
         self.by_inode: dict[int, Attachment] = {}
         # force-detached volumes that still have open handles: their inode
@@ -167,17 +67,8 @@ class VolumeManager:
         # set once the daemon is stopping (evscrypt stop, SIGTERM): attach is
         # refused from then on, so nothing is attached behind the sweep
         self.stopping = False
-        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
-        self.kms_limiter = trio.CapacityLimiter(4)
-        # set by the FUSE layer: forget a directory entry / a file's cached
-        # data / a file's cached attributes (its size, after a resize)
-        self.invalidate = lambda inode, name: None
-        self.invalidate_data = lambda inode: None
-        self.invalidate_attr = lambda inode: None
         # set by the daemon at start, reported by status: data_path, xts_backend
         self.facts: dict = {}
-        # set by the FUSE layer: the requests it received, by FUSE opcode name
-        self.request_counts = lambda: {}
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -208,7 +99,7 @@ class VolumeManager:
             a = self.by_name.get(name)
             fresh = a is None
             if fresh:
-                a = await trio.to_thread.run_sync(self._open, name, uid, limiter=self.kms_limiter)
+                a = await trio.to_thread.run_sync(self._open, name, uid, limiter=self.pools.slow_limiter)
                 if self.stopping:  # a stop began while the KMS answered: its sweep has not seen this one
                     a.close()
                     raise Busy("the daemon is stopping; attach after it has started again")
@@ -221,7 +112,7 @@ class VolumeManager:
             if mount and a.mount is None:
                 try:
                     a.mount = await trio.to_thread.run_sync(
-                        loopmount.setup, self.disk_path(name), Path(mount), mkfs, limiter=self.kms_limiter)
+                        loopmount.setup, self.disk_path(name), Path(mount), mkfs, limiter=self.pools.slow_limiter)
                 except BaseException:
                     if fresh:
                         # leave nothing half-attached; the kernel releases the
@@ -244,15 +135,15 @@ class VolumeManager:
             a.reattach = check_reattach(a.name, h, a.owner, None)  # no KMS: nothing to wait for
             return a.reattach
         backend = self.store.backend(h.kms_backend)
-        v = await trio.to_thread.run_sync(check_reattach, a.name, h, a.owner, backend, limiter=self.kms_limiter,
-                                          abandon_on_cancel=abandon)
+        v = await trio.to_thread.run_sync(check_reattach, a.name, h, a.owner, backend,
+                                          limiter=self.pools.slow_limiter, abandon_on_cancel=abandon)
         a.reattach = v
         a.key_state = v.state
         return v
 
     async def reattach_all(self, atts: list[Attachment]) -> list[Verdict]:
         """:meth:`_reattach` for many volumes at once; the KMS calls run in
-        parallel (up to the KMS limiter), each bounded by its backend."""
+        parallel (up to the slow-call limiter), each bounded by its backend."""
         out: dict[str, Verdict] = {}
 
         async def one(a: Attachment) -> None:
@@ -311,13 +202,13 @@ class VolumeManager:
         a.mark_detached()
         if a.opened:
             self.zombies[a.inode] = a
-        self.invalidate(a.inode, a.name)
+        self.kernel.forget_entry(a.inode, a.name)
         while a.inflight:
             await trio.sleep(0.005)
-        await trio.to_thread.run_sync(self.invalidate_data, a.inode)
+        await trio.to_thread.run_sync(self.kernel.drop_data, a.inode)
         try:
             if a.fd >= 0 and not a.failed:
-                await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.io_limiter)
+                await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.pools.io_limiter)
         except OSError as e:
             log.error("volume %s: fsync at detach failed: %s", a.name, e.strerror)
         finally:
@@ -422,8 +313,8 @@ class VolumeManager:
                 async with a.gate.quiesce():
                     # the kernel has handed every completed write to us and we
                     # have written it: fsync makes the copy point durable too
-                    await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.io_limiter)
-                    method = await trio.to_thread.run_sync(self._copy_image, a, fd, limiter=self.io_limiter)
+                    await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.pools.io_limiter)
+                    method = await trio.to_thread.run_sync(self._copy_image, a, fd, limiter=self.pools.io_limiter)
                 held = time.monotonic() - t0
             except OSError as e:
                 raise storage_error(e, f"cannot snapshot volume {name!r}")
@@ -457,13 +348,13 @@ class VolumeManager:
             warnings = []
             if size != a.size:
                 new = dataclasses.replace(a.header, size=size)
-                await trio.to_thread.run_sync(self._grow, a, new, limiter=self.io_limiter)
-                a.engine.size = size
-                await trio.to_thread.run_sync(self.invalidate_attr, a.inode)
+                await trio.to_thread.run_sync(self._grow, a, new, limiter=self.pools.io_limiter)
+                a.set_size(size)
+                await trio.to_thread.run_sync(self.kernel.drop_attr, a.inode)
                 log.info("resized %s to %d bytes", name, size)
                 if a.mount:
                     try:
-                        await trio.to_thread.run_sync(loopmount.grow, a.mount, limiter=self.kms_limiter)
+                        await trio.to_thread.run_sync(loopmount.grow, a.mount, limiter=self.pools.slow_limiter)
                     except EvscryptError as e:
                         # the volume has grown; only the filesystem on it has not
                         log.warning("volume %s: %s", name, e.message)
@@ -507,5 +398,5 @@ class VolumeManager:
         out = {"pid": os.getpid(), "mountpoint": str(self.disks), **self.facts,
                "volumes": [self.describe(a) for a in atts]}
         if uid == 0:  # counts of every volume's requests: root's alone
-            out["fuse_requests"] = self.request_counts()
+            out["fuse_requests"] = self.kernel.request_counts()
         return out

@@ -1,15 +1,16 @@
-"""FUSE operations: translate kernel requests into engine calls.
+"""FUSE operations: translate kernel requests into calls on attachments.
 
 A flat directory holds one regular file per attached volume.  This layer
-never touches a cipher; it finds the attachment, clamps the range, runs the
-engine and turns errors into errno through errno_map, the only place that
-knows that mapping.  On the threads data path (patched pyfuse3, see
-datapath.py) the requests of the data path run synchronously in pyfuse3's
-worker threads (read_sync, write_sync, getattr_sync, fsync_sync,
-flush_sync), without the trio thread; on the trio path (stock pyfuse3) they
-come to the async handlers.  Everything else is an async handler in the
-trio thread, with its engine calls (reads and writes there too, fsync,
-discard) in a thread.
+only translates: it finds the attachment of an inode or file handle, calls
+its read/write/fsync/discard (attachment.py, which owns ranges, counting,
+the write gate and failure), and turns errors into errno through errno_map,
+the only place that knows that mapping.  On the threads data path (patched
+pyfuse3, see datapath.py) the requests of the data path run synchronously
+in pyfuse3's worker threads (read_sync, write_sync, getattr_sync,
+fsync_sync, flush_sync), without the trio thread; on the trio path (stock
+pyfuse3) they come to the async handlers.  Everything else is an async
+handler in the trio thread; the attachment runs its engine calls in a
+worker thread (pools.py).
 """
 
 from __future__ import annotations
@@ -19,16 +20,14 @@ import logging
 import os
 import stat
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pyfuse3
-import trio
 
-from ..errors import EvscryptError, StorageError
+from ..errors import EvscryptError
 from ..format import SECTOR_SIZE
+from .attachment import Attachment
 from .errno_map import errno_for
-from .fuse_opcodes import named
-from .manager import Attachment, VolumeManager
+from .manager import VolumeManager
 
 log = logging.getLogger("evscrypt.fuse")
 
@@ -39,15 +38,27 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: the I/O pool: they take long enough that running several at once pays
 #: for the hop; smaller ones are cheaper inline.
 OFFLOAD_MIN = 128 * 1024
-#: I/O pool threads: large requests in flight at once.
-IO_POOL_THREADS = 4
-#: fsyncs in flight at once.  They have a pool of their own: an fsync waits
-#: for the disk (milliseconds), and must not hold a thread that large reads
-#: and writes need.
-FSYNC_THREADS = 4
 #: Attribute and entry cache time: short, because attach, detach and resize
 #: change what the directory holds.
 ATTR_TIMEOUT = 1.0
+
+
+class _AsErrno:
+    """``with AS_ERRNO:`` turns an evscrypt or OS error into the FUSE reply
+    for it (errno_map).  A class, not a generator: it is on every request."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type, e, _tb) -> bool:
+        if isinstance(e, (EvscryptError, OSError)):
+            raise pyfuse3.FUSEError(errno_for(e)) from None
+        return False
+
+
+AS_ERRNO = _AsErrno()
 
 
 class Operations(pyfuse3.Operations):
@@ -69,38 +80,6 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Attachment] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
-        self._io_pool = ThreadPoolExecutor(IO_POOL_THREADS, thread_name_prefix="io")
-        self._fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
-        manager.invalidate = self._invalidate
-        manager.invalidate_data = self._invalidate_data
-        manager.invalidate_attr = self._invalidate_attr
-        counts = getattr(pyfuse3, "request_counts", None)  # the threads patch counts; stock pyfuse3 does not
-        manager.request_counts = (lambda: named(counts())) if counts else (lambda: None)
-
-    def _invalidate(self, inode: int, name: str) -> None:
-        try:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), deleted=inode, ignore_enoent=True)
-        except Exception as e:  # the kernel may have forgotten the entry already
-            log.debug("invalidate %s: %s", name, e)
-
-    @staticmethod
-    def _invalidate_attr(inode: int) -> None:
-        """Forget a file's cached attributes, so a resize shows at once.
-        Call it from a worker thread, like _invalidate_data."""
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
-        except OSError as e:  # ENOENT: the kernel has no such inode cached
-            log.debug("invalidate attributes of inode %d: %s", inode, e)
-
-    @staticmethod
-    def _invalidate_data(inode: int) -> None:
-        """Drop the kernel's cached pages of a detached volume, so an fd kept
-        open across a forced detach cannot read plaintext from the cache.
-        Blocks on page locks: call it from a worker thread, never the loop."""
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=False)
-        except OSError as e:  # ENOENT: the kernel has no such inode cached
-            log.debug("invalidate inode %d: %s", inode, e)
 
     # -- attributes ------------------------------------------------------------
     def _root_attr(self) -> pyfuse3.EntryAttributes:
@@ -235,134 +214,52 @@ class Operations(pyfuse3.Operations):
             if v.detached and v.opened == 0:
                 self.m.zombies.pop(v.inode, None)
 
-    def _live(self, fh: int) -> Attachment:
+    def _handle(self, fh: int) -> Attachment:
         v = self._handles.get(fh)
-        if v is None or v.detached:
-            raise pyfuse3.FUSEError(errno.EIO)  # force-detached under an open handle
-        if v.failed:
+        if v is None:
             raise pyfuse3.FUSEError(errno.EIO)
         return v
-
-    def _begin(self, fh: int) -> Attachment:
-        """Count a request in on fh's volume (any thread), or answer EIO."""
-        v = self._handles.get(fh)
-        if v is None or not v.io_begin():
-            raise pyfuse3.FUSEError(errno.EIO)  # force-detached, or the image failed
-        return v
-
-    @staticmethod
-    def _error(v: Attachment, e: Exception) -> pyfuse3.FUSEError:
-        """The FUSE error for an engine failure; a storage failure fails the volume."""
-        if isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno == errno.EIO):
-            v.failed = getattr(e, "message", None) or str(e)
-            log.error("volume %s failed: %s", v.name, v.failed)
-        return pyfuse3.FUSEError(errno_for(e))
 
     # Reads and writes are served from pyfuse3's worker thread
     # (main_threads), never through the trio thread.  Small ones are done
     # right there; large ones go to the I/O pool, which sends the reply when
     # it is done, so several run at once while the worker goes on receiving.
-    # The engine is thread-safe.
+    # The attachment is thread-safe.
     def read_sync(self, fh, off, size):
         if size >= OFFLOAD_MIN:
-            return self._io_pool.submit(self._read, fh, off, size)
+            return self.m.pools.io.submit(self._read, fh, off, size)
         return self._read(fh, off, size)
 
     def _read(self, fh, off, size):
-        v = self._begin(fh)
-        try:
-            data = v.engine.read(off, min(size, v.size - off), v.inflight == 1) if 0 <= off < v.size and size > 0 \
-                else b""
-        except (EvscryptError, OSError) as e:
-            v.io_done(errors=1)
-            raise self._error(v, e) from None
-        except BaseException:
-            v.io_done()
-            raise
-        v.read_done(len(data))
-        return data
+        with AS_ERRNO:
+            return self._handle(fh).read(off, size)
 
     def write_sync(self, fh, off, buf):
-        v = self._begin(fh)
-        try:
-            if off >= v.size:
-                raise pyfuse3.FUSEError(errno.ENOSPC)  # the disk never grows
-            if off + len(buf) > v.size:
-                buf = memoryview(buf)[:v.size - off]
-            if not v.gate.try_enter():
-                v.io_done()
-                return None  # a snapshot is taking its copy point: wait in write()
-        except BaseException:
-            v.io_done()
-            raise
+        """The write, or None if a snapshot holds the gate (write() then waits)."""
+        v = self._handle(fh)
+        with AS_ERRNO:
+            buf = v.enter_write(off, buf)
+        if buf is None:
+            return None
         if len(buf) >= OFFLOAD_MIN:
-            return self._io_pool.submit(self._write, v, off, buf)
+            return self.m.pools.io.submit(self._write, v, off, buf)
         return self._write(v, off, buf)
 
-    def _write(self, v: Attachment, off: int, buf) -> int:
-        """Write with the request counted in and the gate entered; leave both.
-
-        A large request is split across the cores only when it is the
-        volume's only request in flight (queue depth 1): with more in
-        flight, the worker thread that receives them needs a core, and
-        splitting slowed 1M writes at QD32 by 15-20%."""
-        try:
-            n = v.engine.write(off, buf, v.inflight == 1)
-        except (EvscryptError, OSError) as e:
-            v.gate.leave()
-            v.io_done(errors=1)
-            raise self._error(v, e) from None
-        except BaseException:
-            v.gate.leave()
-            v.io_done()
-            raise
-        v.gate.leave()
-        v.write_done(n)
-        return n
+    @staticmethod
+    def _write(v: Attachment, off: int, buf) -> int:
+        with AS_ERRNO:
+            return v.finish_write(off, buf)
 
     async def read(self, fh, off, size):
-        """Every read on the trio data path (stock pyfuse3): the engine
-        call in an I/O thread (never block the trio thread)."""
-        v = self._live(fh)
-        if not 0 <= off < v.size or size <= 0:
-            return b""
-        size = min(size, v.size - off)
-        # split across the cores only when it is the volume's only request (see _write)
-        return await self._run(v, lambda: v.engine.read(off, size, v.inflight == 1), kind="reads")
+        """Every read on the trio data path (stock pyfuse3)."""
+        with AS_ERRNO:
+            return await self._handle(fh).read_async(off, size, self.m.pools.io_limiter)
 
     async def write(self, fh, off, buf):
         """Every write on the trio data path, and on the threads path a
-        write that found the gate closed: wait for the gate here, then write
-        in an I/O thread (never block the trio thread)."""
-        v = self._live(fh)
-        if off >= v.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
-        if off + len(buf) > v.size:
-            buf = memoryview(buf)[:v.size - off]
-        async with v.gate:  # held while a snapshot takes its copy point
-            v = self._live(fh)
-            return await self._run(v, lambda: v.engine.write(off, buf, v.inflight == 1), kind="writes",
-                                   nbytes=len(buf))
-
-    async def _run(self, v: Attachment, fn, *args, kind: str | None = None, nbytes: int = 0):
-        """Run an engine call in a worker thread from the trio thread."""
-        if not v.io_begin():
-            raise pyfuse3.FUSEError(errno.EIO)
-        counts = {}
-        try:
-            result = await trio.to_thread.run_sync(fn, *args, limiter=self.m.io_limiter)
-            if kind == "writes":
-                counts = {"writes": 1, "bytes_written": nbytes}
-            elif kind == "reads":
-                counts = {"reads": 1, "bytes_read": len(result)}
-            elif kind:
-                counts = {kind: 1}
-            return result
-        except (EvscryptError, OSError) as e:
-            counts = {"errors": 1}
-            raise self._error(v, e) from None
-        finally:
-            v.io_done(**counts)
+        write that found the gate closed: it waits for the gate."""
+        with AS_ERRNO:
+            return await self._handle(fh).write_async(off, buf, self.m.pools.io_limiter)
 
     # fsync and flush are answered from the worker thread too: through trio
     # (a wake-up of the trio thread, a task, for fsync a thread hop) the
@@ -371,52 +268,38 @@ class Operations(pyfuse3.Operations):
     def fsync_sync(self, fh, datasync):
         """Submit the fsync to the fsync pool, which replies when it is done;
         None if a snapshot holds the gate (fsync() then waits for it)."""
-        v = self._begin(fh)
-        if not v.gate.try_enter():
-            v.io_done()
-            return None
-        return self._fsync_pool.submit(self._fsync, v, datasync)
+        v = self._handle(fh)
+        with AS_ERRNO:
+            if not v.enter_fsync():
+                return None
+        return self.m.pools.fsync.submit(self._fsync, v, bool(datasync))
 
-    def _fsync(self, v: Attachment, datasync: bool) -> bool:
-        """fsync with the request counted in and the gate entered; leave both."""
-        try:
-            v.engine.fsync(datasync)
-        except (EvscryptError, OSError) as e:
-            v.gate.leave()
-            v.io_done(errors=1)
-            raise self._error(v, e) from None
-        except BaseException:
-            v.gate.leave()
-            v.io_done()
-            raise
-        v.gate.leave()
-        v.io_done(fsyncs=1)
-        return True
+    @staticmethod
+    def _fsync(v: Attachment, datasync: bool) -> bool:
+        with AS_ERRNO:
+            return v.finish_fsync(datasync)
 
     def flush_sync(self, fh):
         """Every close(): the data is already in the image (fsync makes it
         durable); EIO if the volume was force-detached or has failed."""
-        self._live(fh)
+        if not self._handle(fh).usable:
+            raise pyfuse3.FUSEError(errno.EIO)
         return True
 
     async def fsync(self, fh, datasync):
         """An fsync that found the gate closed: wait for it here."""
-        v = self._live(fh)
-        async with v.gate:
-            v = self._live(fh)
-            await self._run(v, v.engine.fsync, bool(datasync), kind="fsyncs")
+        with AS_ERRNO:
+            await self._handle(fh).fsync_async(bool(datasync), self.m.pools.io_limiter)
 
     async def fallocate(self, fh, mode, off, length):
-        v = self._live(fh)
+        v = self._handle(fh)
+        if not v.usable:
+            raise pyfuse3.FUSEError(errno.EIO)  # force-detached under an open handle, or failed
         if mode & FALLOC_FL_PUNCH_HOLE or mode & FALLOC_FL_ZERO_RANGE:
             if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-            if off >= v.size:
-                return
-            length = min(length, v.size - off)
-            async with v.gate:
-                v = self._live(fh)
-                await self._run(v, v.engine.discard, off, length, kind="discards")
+            with AS_ERRNO:
+                await v.discard_async(off, length, self.m.pools.io_limiter)
             return
         if mode & ~FALLOC_FL_KEEP_SIZE:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
