@@ -12,20 +12,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(fio fuse3 qemu-utils qemu-system-common qemu-block-extra gocryptfs)
 VENV=.venv
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) -eq 0 ]]; then
-        echo "bench: apt packages: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    else
-        echo "bench: missing apt packages (run as root to install; those systems will be skipped): ${missing[*]}" >&2
-    fi
-fi
+. scripts/apt-ensure.sh
+APT_ENSURE_NOTE="those systems will be skipped" apt_ensure bench "${APT_PACKAGES[@]}"
 
 if ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
     echo "bench: pip install matplotlib into $VENV (for the PNG only)"

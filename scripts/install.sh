@@ -9,20 +9,8 @@ APT_PACKAGES=(fuse3 libfuse3-dev pkg-config gcc fio cryptsetup-bin e2fsprogs xfs
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    if [[ $(id -u) -eq 0 ]]; then
-        echo "install: apt packages: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    else
-        echo "install: missing apt packages (run as root to install): ${missing[*]}" >&2
-    fi
-fi
+. scripts/apt-ensure.sh
+apt_ensure install "${APT_PACKAGES[@]}"
 
 if [[ ! -x $VENV/bin/python ]]; then
     echo "install: creating $VENV"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import inspect
 import json
 import os
 import re
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import fuse_attrs
 
 pytestmark = [
     pytest.mark.fuse,
@@ -45,7 +48,9 @@ def pattern(size: int = SIZE) -> bytes:
     return bytes(i % 251 + 1 for i in range(size))
 
 
-DAEMON = textwrap.dedent(
+#: The filesystem, run as a script; fuse_attrs.py goes first (its source, so
+#: the script needs nothing from this directory, whichever interpreter runs it).
+DAEMON = inspect.getsource(fuse_attrs) + textwrap.dedent(
     r'''
     import errno, json, os, stat, sys, time
     import pyfuse3, trio
@@ -68,16 +73,7 @@ DAEMON = textwrap.dedent(
             self.next_fh = 10
 
         def _attr(self, ino):
-            a = pyfuse3.EntryAttributes()
-            a.st_ino = ino
-            if ino == pyfuse3.ROOT_INODE:
-                a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
-            else:
-                a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o644, 1, len(self.data)
-            a.st_blksize = 4096
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = time.time_ns()
-            a.attr_timeout = a.entry_timeout = 0
-            return a
+            return entry_attrs(ino, len(self.data))
 
         async def getattr(self, ino, ctx=None):
             if ino not in (pyfuse3.ROOT_INODE, INO):

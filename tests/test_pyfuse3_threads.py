@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+import fuse_attrs
 
 from daemon_fixture import is_mounted
 
@@ -87,7 +90,9 @@ def initial(name: str, size: int = SIZE) -> bytes:
     return hashlib.shake_256(name.encode()).digest(size)
 
 
-DAEMON = textwrap.dedent(
+#: The filesystem, run as a script; fuse_attrs.py goes first (its source, so
+#: the script needs nothing from this directory, whichever interpreter runs it).
+DAEMON = inspect.getsource(fuse_attrs) + textwrap.dedent(
     r"""
     import errno, hashlib, json, logging, os, signal, stat, sys, threading, time
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -361,17 +366,7 @@ DAEMON = textwrap.dedent(
             return store(self.data[name], off, buf)
 
         def _attr(self, ino):
-            a = pyfuse3.EntryAttributes()
-            a.st_ino = ino
-            if ino == pyfuse3.ROOT_INODE:
-                a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
-            else:
-                a.st_mode, a.st_nlink = stat.S_IFREG | 0o644, 1
-                a.st_size = len(self.data[self.ino_name[ino]])
-            a.st_blksize = 4096
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = time.time_ns()
-            a.attr_timeout = a.entry_timeout = 0
-            return a
+            return entry_attrs(ino, 0 if ino == pyfuse3.ROOT_INODE else len(self.data[self.ino_name[ino]]))
 
         async def getattr(self, ino, ctx=None):
             if ino != pyfuse3.ROOT_INODE and ino not in self.ino_name:

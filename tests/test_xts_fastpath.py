@@ -8,7 +8,6 @@ EVSCRYPT_XTS=evp so that it stays tested on such machines too.
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -19,14 +18,12 @@ from evscrypt.crypto.xts import SectorCipher, reference_crypt
 from evscrypt.format import SECTOR_SIZE
 from evscrypt.secret import Secret
 
+from cipher_checks import pinned_xts, threads_share_one_key
+
 pytestmark = pytest.mark.skipif(not evp.available(), reason="libcrypto is not loadable")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pin_evp():
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("EVSCRYPT_XTS", "evp")
-        yield
+_pin_evp = pinned_xts("evp")
 
 
 def test_fast_path_is_used_by_default_and_can_be_turned_off(monkeypatch):
@@ -54,26 +51,7 @@ def test_evp_equals_reference(key, first, n, seed):
 
 
 def test_evp_threads_share_a_key_without_interference():
-    key = Secret.random(64)
-    c = SectorCipher(key)
-    data = os.urandom(16 * SECTOR_SIZE)
-    expect = reference_crypt(bytes(key.buffer), 1000, data, True)
-    bad = []
-
-    def work():
-        for _ in range(50):
-            if bytes(c.encrypt(1000, data)) != expect:
-                bad.append(1)
-
-    ts = [threading.Thread(target=work) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not bad
-    c.close()
-    with pytest.raises(ValueError):
-        c.encrypt(0, data)  # a closed cipher refuses work
+    threads_share_one_key(first=1000, sectors=16, rounds=50)
 
 
 def test_c_loop_is_built_and_matches_the_ctypes_loop(monkeypatch):

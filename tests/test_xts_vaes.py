@@ -10,7 +10,6 @@ and the per-sector ``reference_crypt``.  Skipped where the CPU lacks VAES.
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 from hypothesis import example, given, settings
@@ -21,6 +20,7 @@ from evscrypt.crypto.xts import SectorCipher, reference_crypt
 from evscrypt.format import IV_PER_SECTOR, SECTOR_SIZE, tweak
 from evscrypt.secret import Secret
 
+from cipher_checks import pinned_xts, threads_share_one_key
 from test_xts_vectors import IEEE_KEY, IEEE_PT, IEEE_VECTORS, _dusn_set, _hexstr_set, primitive_xts
 
 pytestmark = pytest.mark.skipif(not vaes.available(), reason="this CPU has no VAES/AVX-512")
@@ -40,12 +40,7 @@ def _unit(key: bytes, tw: bytes, data: bytes, encrypt: bool) -> bytes:
     return bytes(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _pin_vaes():
-    """Where libcrypto has its own VAES XTS the default is EVP; pin ours."""
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("EVSCRYPT_XTS", "vaes")
-        yield
+_pin_vaes = pinned_xts("vaes")  # where libcrypto has its own VAES XTS the default is EVP
 
 
 def test_default_path_is_vaes_unless_libcrypto_has_its_own(monkeypatch):
@@ -122,24 +117,7 @@ def test_large_request_split_across_cores_equals_reference():
 
 
 def test_threads_share_one_schedule():
-    key = Secret.random(64)
-    c = SectorCipher(key)
-    data = os.urandom(8 * SECTOR_SIZE)
-    expect = reference_crypt(bytes(key.buffer), 5, data, True)
-    bad = []
-
-    def work():
-        for _ in range(200):
-            if bytes(c.encrypt(5, data)) != expect:
-                bad.append(1)
-
-    ts = [threading.Thread(target=work) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not bad
-    c.close()
+    threads_share_one_key(first=5, sectors=8, rounds=200)
 
 
 def test_schedule_is_locked_key_material_and_close_wipes_it():
