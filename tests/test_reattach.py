@@ -4,6 +4,8 @@ one verdict per cause, with its reason, its status summary and its message
 
 from __future__ import annotations
 
+import pwd
+
 import pytest
 
 from evscrypt import reattach
@@ -51,21 +53,30 @@ def test_each_key_state(kms, clock):
     assert v.message.startswith("key no-such-key no longer exists: once detached, volume v can never")
 
 
+def _uid_without_name() -> int:
+    """A uid no passwd entry names: the messages then show the number (the
+    suite's own second user, made by test_access, has a name)."""
+    named = {p.pw_uid for p in pwd.getpwall()}
+    return next(u for u in range(61000, 65000) if u not in named)
+
+
 def test_access_of_the_owner(kms):
+    other = _uid_without_name()
     k = kms.create_key("k", owner=1000).key_id
     assert reattach.check("v", header(k), 1000, kms).ok  # the key's owner
     assert reattach.check("v", header(k), 0, kms).ok  # root
-    v = reattach.check("v", header(k), 1001, kms)
-    assert (v.reason, v.user, v.short) == (reattach.Reason.OWNER_NOT_ALLOWED, "1001", "no (owner not allowed)")
-    kms.grant(k, 1001)
-    assert reattach.check("v", header(k), 1001, kms).ok
-    kms.revoke(k, 1001)
-    v = reattach.check("v", header(k), 1001, kms)
+    v = reattach.check("v", header(k), other, kms)
+    assert (v.reason, v.user, v.short) == (reattach.Reason.OWNER_NOT_ALLOWED, str(other), "no (owner not allowed)")
+    kms.grant(k, other)
+    assert reattach.check("v", header(k), other, kms).ok
+    kms.revoke(k, other)
+    v = reattach.check("v", header(k), other, kms)
     assert (v.reason, v.short) == (reattach.Reason.GRANT_REVOKED, "no (grant revoked)")
-    assert v.message == ("the grant of key k to 1001, the owner of volume v, was revoked: once detached, v cannot "
-                         "be attached again until the key's owner grants it again (evscrypt key grant k --to 1001)")
-    kms.grant(k, 1001)  # granted again: the revocation is forgotten
-    assert reattach.check("v", header(k), 1001, kms).ok
+    assert v.message == (f"the grant of key k to {other}, the owner of volume v, was revoked: once detached, v "
+                         f"cannot be attached again until the key's owner grants it again (evscrypt key grant k "
+                         f"--to {other})")
+    kms.grant(k, other)  # granted again: the revocation is forgotten
+    assert reattach.check("v", header(k), other, kms).ok
 
 
 def test_a_sealed_keystore_is_an_unknown_state(kms, tmp_path, monkeypatch):
