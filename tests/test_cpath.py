@@ -232,10 +232,10 @@ def test_python_and_c_take_the_same_sector_locks(tmp_path):
     done = threading.Event()
     t = threading.Thread(target=lambda: (eng.write(3 * SECTOR_SIZE + 100, b"x" * 10), done.set()))
     try:
-        locks.c.lock(3 + 64, 1)  # another sector of the same stripe, as C would
+        locks.c.take(3 + 64, 1, True)  # another sector of the same stripe, as C would
         t.start()
         assert not done.wait(0.3), "the partial write did not wait for the C side's lock"
-        locks.c.unlock(3 + 64, 1)
+        locks.c.take(3 + 64, 1, False)
         assert done.wait(30)
         assert bytes(eng.read(3 * SECTOR_SIZE + 100, 10)) == b"x" * 10
     finally:
@@ -310,4 +310,4 @@ def test_cpath_off_serves_everything_in_python(make_daemon, monkeypatch):
     assert read_direct(path, 64 * KiB, len(data)) == data
     d.cli("detach", "py")
     assert_image_matches(d, "py", bytes(64 * KiB) + data + bytes(8 * MiB - 64 * KiB - len(data)))
-    assert "C data path: off (EVSCRYPT_CPATH=0)" in d.log
+    assert "aligned I/O of encrypted volumes in C: no (EVSCRYPT_CPATH=0)" in d.log

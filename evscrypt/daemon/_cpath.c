@@ -104,33 +104,30 @@ locks_dealloc(SectorLocks *l)
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
 
+/* take(first, count, lock): lock or unlock the stripes of those sectors.
+ * Locking waits without the GIL. */
 static PyObject *
-locks_lock(SectorLocks *l, PyObject *args)
+locks_take(SectorLocks *l, PyObject *args)
 {
     unsigned long long first, count;
-    if (!PyArg_ParseTuple(args, "KK", &first, &count))
+    int lock;
+    if (!PyArg_ParseTuple(args, "KKp", &first, &count, &lock))
         return NULL;
     uint64_t bits = stripes_of(first, count);
-    Py_BEGIN_ALLOW_THREADS
-    lock_bits(l, bits);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-locks_unlock(SectorLocks *l, PyObject *args)
-{
-    unsigned long long first, count;
-    if (!PyArg_ParseTuple(args, "KK", &first, &count))
-        return NULL;
-    unlock_bits(l, stripes_of(first, count));
+    if (lock) {
+        Py_BEGIN_ALLOW_THREADS
+        lock_bits(l, bits);
+        Py_END_ALLOW_THREADS
+    } else {
+        unlock_bits(l, bits);
+    }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef locks_methods[] = {
-    {"lock", (PyCFunction)locks_lock, METH_VARARGS,
-     "lock(first, count)\n\nTake the stripes of sectors first .. first + count - 1, in ascending order."},
-    {"unlock", (PyCFunction)locks_unlock, METH_VARARGS, "unlock(first, count)\n\nRelease what lock() took."},
+    {"take", (PyCFunction)locks_take, METH_VARARGS,
+     "take(first, count, lock)\n\nWith lock, take the stripes of sectors first .. first + count - 1, in ascending\n"
+     "order; without, release them."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -443,75 +440,43 @@ py_unregister(PyObject *self, PyObject *args)
     return counts;
 }
 
-/* The slot of a registered inode, locked; NULL (unlocked) if not registered. */
-static struct slot *
-locked_slot(unsigned long long inode)
+/* control(inode, what, value=0): change or read a registered volume's slot
+ * (nothing happens for an inode not registered).
+ *   "size"     the disk's size is now value (after a resize)
+ *   "disable"  send its requests to Python from now on (the volume failed)
+ *   "hold"     value 1: send its writes to Python and wait for those running
+ *              here (a snapshot closes the write gate); value 0: take them again
+ *   "counters" (reads, writes, bytes_read, bytes_written) served here */
+static PyObject *
+py_control(PyObject *self, PyObject *args)
 {
+    unsigned long long inode, value = 0;
+    const char *what;
+    if (!PyArg_ParseTuple(args, "Ks|K", &inode, &what, &value))
+        return NULL;
+    int size = !strcmp(what, "size"), disable = !strcmp(what, "disable"), hold = !strcmp(what, "hold"),
+        counters = !strcmp(what, "counters");
+    if (!(size || disable || hold || counters))
+        return PyErr_Format(PyExc_ValueError, "unknown control %s", what);
     struct slot *s = &slots[inode % SLOTS];
+    PyObject *ret = NULL;
     pthread_mutex_lock(&s->mu);
-    if (inode != 0 && s->inode == inode)
-        return s;
-    pthread_mutex_unlock(&s->mu);
-    return NULL;
-}
-
-static PyObject *
-py_disable(PyObject *self, PyObject *args)
-{
-    unsigned long long inode;
-    if (!PyArg_ParseTuple(args, "K", &inode))
-        return NULL;
-    struct slot *s = locked_slot(inode);
-    if (s) {
+    if (inode == 0 || s->inode != inode) {
+        pthread_mutex_unlock(&s->mu);
+        return counters ? Py_BuildValue("(KKKK)", 0ULL, 0ULL, 0ULL, 0ULL) : Py_NewRef(Py_None);
+    }
+    if (size)
+        s->size = value;
+    else if (disable)
         s->serving = 0;
-        pthread_mutex_unlock(&s->mu);
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-py_set_size(PyObject *self, PyObject *args)
-{
-    unsigned long long inode, size;
-    if (!PyArg_ParseTuple(args, "KK", &inode, &size))
-        return NULL;
-    struct slot *s = locked_slot(inode);
-    if (s) {
-        s->size = size;
-        pthread_mutex_unlock(&s->mu);
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-py_hold_writes(PyObject *self, PyObject *args)
-{
-    unsigned long long inode;
-    int hold;
-    if (!PyArg_ParseTuple(args, "Kp", &inode, &hold))
-        return NULL;
-    struct slot *s = locked_slot(inode);
-    if (s) {
-        s->writes_held = hold;
-        if (hold)
+    else if (hold) {
+        s->writes_held = value != 0;
+        if (value)
             WAIT_DRAINED(s, s->writers == 0);
-        pthread_mutex_unlock(&s->mu);
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *
-py_counters(PyObject *self, PyObject *args)
-{
-    unsigned long long inode;
-    if (!PyArg_ParseTuple(args, "K", &inode))
-        return NULL;
-    struct slot *s = locked_slot(inode);
-    if (!s)
-        return Py_BuildValue("(KKKK)", 0ULL, 0ULL, 0ULL, 0ULL);
-    PyObject *c = counters_of(s);
+    } else
+        ret = counters_of(s);
     pthread_mutex_unlock(&s->mu);
-    return c;
+    return ret ? ret : Py_NewRef(Py_None);
 }
 
 static PyObject *
@@ -536,15 +501,21 @@ static PyMethodDef methods[] = {
     {"unregister", py_unregister, METH_VARARGS,
      "unregister(inode) -> (reads, writes, bytes_read, bytes_written) or None\n\n"
      "Stop serving inode, wait for its requests in flight, release the schedule."},
-    {"disable", py_disable, METH_VARARGS, "disable(inode)\n\nSend inode's requests to Python from now on."},
-    {"set_size", py_set_size, METH_VARARGS, "set_size(inode, size)"},
-    {"hold_writes", py_hold_writes, METH_VARARGS,
-     "hold_writes(inode, hold)\n\nWith hold, send writes to Python and wait for those running here."},
-    {"counters", py_counters, METH_VARARGS, "counters(inode) -> (reads, writes, bytes_read, bytes_written)"},
+    {"control", py_control, METH_VARARGS,
+     "control(inode, what, value=0)\n\n"
+     "what: 'size' (now value), 'disable', 'hold' (value 1: send writes to Python and wait for those\n"
+     "running here; 0: take them again), 'counters' -> (reads, writes, bytes_read, bytes_written)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpath", NULL, -1, methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_cpath",
+    .m_doc = "The C data path: aligned reads and writes of registered volumes, answered in the FUSE "
+             "worker threads without the GIL (see evscrypt/daemon/cpath.py).",
+    .m_size = -1,
+    .m_methods = methods,
+};
 
 PyMODINIT_FUNC
 PyInit__cpath(void)

@@ -93,11 +93,11 @@ class SharedLocks:
         return _Held(self.c, sector)
 
     def acquire(self, first: int, count: int) -> tuple[int, int]:
-        self.c.lock(first, count)
+        self.c.take(first, count, True)
         return first, count
 
     def release(self, held: tuple[int, int]) -> None:
-        self.c.unlock(*held)
+        self.c.take(*held, False)
 
 
 class _Held:
@@ -107,10 +107,10 @@ class _Held:
         self.c, self.sector = c, sector
 
     def __enter__(self) -> None:
-        self.c.lock(self.sector, 1)
+        self.c.take(self.sector, 1, True)
 
     def __exit__(self, *exc) -> None:
-        self.c.unlock(self.sector, 1)
+        self.c.take(self.sector, 1, False)
 
 
 def register(a) -> bool:
@@ -133,18 +133,18 @@ def unregister(inode: int) -> tuple[int, int, int, int] | None:
 
 
 def counters(inode: int) -> tuple[int, int, int, int]:
-    return _cpath.counters(inode)
+    return _cpath.control(inode, "counters")
 
 
 def disable(inode: int) -> None:
-    _cpath.disable(inode)
+    _cpath.control(inode, "disable")
 
 
 def set_size(inode: int, size: int) -> None:
-    _cpath.set_size(inode, size)
+    _cpath.control(inode, "size", size)
 
 
 def hold_writes(inode: int, hold: bool) -> None:
     """With ``hold``, C sends ``inode``'s writes to Python (where the write
     gate holds them) and this waits for those running in C."""
-    _cpath.hold_writes(inode, hold)
+    _cpath.control(inode, "hold", int(hold))

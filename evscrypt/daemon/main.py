@@ -149,7 +149,8 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
     manager.c_path = no_c is None
     threads = fuse_threads(manager.c_path)
-    log.info("C data path: %s; %d FUSE worker thread(s)", "on" if no_c is None else f"off ({no_c})", threads)
+    log.info("FUSE worker threads: %d; aligned I/O of encrypted volumes in C: %s", threads,
+             "yes" if no_c is None else f"no ({no_c})")
     manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts, c_path=manager.c_path,
                          fuse_threads=threads)
     ops = Operations(manager, c_path=manager.c_path)
