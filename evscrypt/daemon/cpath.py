@@ -2,7 +2,7 @@
 
 With it, the FUSE worker threads answer aligned reads and writes of up to
 128 KiB of an encrypted disk in C, without the GIL (pread + XTS + reply),
-so one worker thread per core serves them in parallel; Python sees only
+so the worker threads (two per core) serve them in parallel; Python sees only
 what is left (metadata, unaligned and large requests, anything the C side
 declines) and handles it as before.  docs/CONCURRENCY.md has the locks,
 docs/PERFORMANCE.md why.
