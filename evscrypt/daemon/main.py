@@ -17,6 +17,7 @@ teardown is ignored instead of killing the daemon half-way.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import signal
 import subprocess
@@ -124,10 +125,32 @@ def lock_memory(allow_swappable_keys: bool) -> None:
                     "OpenSSL's key schedules not at all, and may be swapped out", e.message, ALLOW_SWAPPABLE_FLAG)
 
 
+#: glibc's mallopt parameter for the number of malloc arenas.
+M_ARENA_MAX = -8
+
+
+def one_malloc_arena() -> None:
+    """One malloc arena for all the daemon's threads, before any starts.
+
+    glibc gives each thread that allocates an arena of its own (up to 8 per
+    core), and in locked memory (lock_memory) what an arena has freed stays
+    resident: it cannot be handed back with MADV_DONTNEED.  With a worker
+    thread per core and 1 MiB requests on eight disks at once, the daemon
+    grew to 224 MiB; with one arena, 101 MiB.  Python allocates with the GIL
+    held, so the threads never contended for arenas anyway, and the C data
+    path allocates nothing per request.  Nothing to do on a libc without
+    mallopt."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
         debug: bool = False, allow_swappable_keys: bool = False) -> int:
     setup_logging(debug)
     set_nondumpable()
+    one_malloc_arena()
     lock_memory(allow_swappable_keys)
     dp, xts = datapath.probe(), backend.describe(backend.choose())
     log.info("data path: %s; XTS: %s", dp.describe(), xts)
