@@ -308,6 +308,17 @@ class RBDStore(BackingStore):
         with _converted(f"image {name!r}" + (f" snapshot {snapshot!r}" if snapshot else "")):
             return rbd.Image(self.ioctx, check_image_name(name), snapshot=snapshot, read_only=not write)
 
+    @contextlib.contextmanager
+    def _using(self, name: str, what: str, *, write: bool = False):
+        """Open image *name* for one short operation, turning vendor errors
+        into evscrypt's with *what* as the context, and close it after."""
+        img = self._image(name, write=write)
+        try:
+            with _converted(what):
+                yield img
+        finally:
+            img.close()
+
     # -- images ------------------------------------------------------------------
     def names(self) -> list[str]:
         with _converted(f"RBD pool {self.pool!r}"):
@@ -357,12 +368,8 @@ class RBDStore(BackingStore):
 
     # -- the attach lock, from outside ---------------------------------------------
     def holder(self, name: str) -> Holder | None:
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                return _holder(img)
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            return _holder(img)
 
     def is_alive(self, name: str, holder: Holder) -> bool:
         """The holder's watch on the image header is registered and the holder
@@ -371,13 +378,9 @@ class RBDStore(BackingStore):
         A crashed host's watch stays registered until the OSD times it out
         (osd_client_watch_timeout, 30 s), so the notify is what tells it apart
         quickly: a live librbd client answers every notify on its header."""
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                ids = {w["id"] for w in img.watchers_list() if w["addr"] == holder.owner}
-                oid = f"rbd_header.{img.id()}"
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            ids = {w["id"] for w in img.watchers_list() if w["addr"] == holder.owner}
+            oid = f"rbd_header.{img.id()}"
         if not ids:
             return False
         replies = rados_notify.notify(self.conf, self.client, self.pool, self.namespace, oid,
@@ -390,41 +393,25 @@ class RBDStore(BackingStore):
         if self.is_alive(name, holder):
             raise Busy(f"image {name!r} is locked by {holder}, which is alive and answering; "
                               "its lock is not broken")
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot break the lock of image {name!r}"):
-                if any(o["owner"] == holder.owner for o in img.lock_get_owners()):
-                    # blocklists holder.owner first (rbd_blocklist_on_break_lock)
-                    img.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, holder.owner)
-        finally:
-            img.close()
+        with self._using(name, f"cannot break the lock of image {name!r}", write=True) as img:
+            if any(o["owner"] == holder.owner for o in img.lock_get_owners()):
+                # blocklists holder.owner first (rbd_blocklist_on_break_lock)
+                img.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, holder.owner)
 
     # -- snapshots and clones ----------------------------------------------------------
     def snapshot(self, name: str, snap: str) -> None:
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot create snapshot {name}@{snap}"):
-                img.create_snap(check_name(snap, "snapshot"))
-        finally:
-            img.close()
+        with self._using(name, f"cannot create snapshot {name}@{snap}", write=True) as img:
+            img.create_snap(check_name(snap, "snapshot"))
 
     def snapshots(self, name: str) -> list[str]:
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                return sorted(s["name"] for s in img.list_snaps()
-                              if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
-                              == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            return sorted(s["name"] for s in img.list_snaps()
+                          if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+                          == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
 
     def delete_snapshot(self, name: str, snap: str) -> None:
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot delete snapshot {name}@{snap}"):
-                img.remove_snap(snap)  # with clones: moved to the snapshot trash
-        finally:
-            img.close()
+        with self._using(name, f"cannot delete snapshot {name}@{snap}", write=True) as img:
+            img.remove_snap(snap)  # with clones: moved to the snapshot trash
 
     def clone(self, name: str, snap: str, new: str) -> None:
         with _converted(f"cannot clone {name}@{snap} to {new!r}"):
