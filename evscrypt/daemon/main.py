@@ -125,7 +125,7 @@ def lock_memory(allow_swappable_keys: bool) -> None:
 
 
 def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
-        debug: bool = False, allow_swappable_keys: bool = False) -> int:
+        debug: bool = False, allow_swappable_keys: bool = False, store: str | None = None) -> int:
     setup_logging(debug)
     set_nondumpable()
     lock_memory(allow_swappable_keys)
@@ -145,7 +145,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     pools = Pools.sized()
-    manager = VolumeManager(VolumeStore(home), mountpoint, FuseKernel(), pools)
+    manager = VolumeManager(VolumeStore(home, store), mountpoint, FuseKernel(), pools)
     manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts)
     ops = Operations(manager)
     options = set(pyfuse3.default_options)

@@ -15,7 +15,6 @@ atomic with respect to pread on Linux filesystems.
 
 from __future__ import annotations
 
-import os
 import threading
 
 from ..crypto.xts import SectorCipher
@@ -23,7 +22,7 @@ from ..errors import OutOfRange
 from ..format import SECTOR_SIZE, ZERO_SECTOR, holes_read_as_zeros, sector_to_backing
 from ..parallel import MIN_SPLIT_BYTES, MIN_SPLIT_SECTORS, split_run
 from . import geometry
-from .backing import pread_into, punch_hole, pwrite_all, read_buffer
+from .backing import pread_into, punch_hole, pwrite_all, read_buffer, sync
 
 LOCK_STRIPES = 64
 
@@ -264,4 +263,4 @@ class Engine:
             first += n
 
     def fsync(self, datasync: bool = False) -> None:
-        (os.fdatasync if datasync else os.fsync)(self.fd)
+        sync(self.fd, datasync)

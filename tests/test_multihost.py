@@ -1,0 +1,259 @@
+"""Volumes in a Ceph RBD pool shared by two hosts.
+
+Two real daemons on this machine play two hosts: each has its own state
+directory, runtime directory and RADOS client (client.hosta, client.hostb),
+and both use one RBD pool (a fresh namespace per test, tests/ceph_fixture.py)
+and one KMS (moto's server, tests/kms_fixtures.py).  Real FUSE, real fio,
+real ext4 on loop devices, a real Ceph cluster: nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from ceph_fixture import HOSTS
+from daemon_fixture import (
+    Daemon, expect_fail, fuse_skip_reason, loop_skip_reason, needs_fio, rand, read_direct, run_fio, write_at,
+)
+from kms_fixtures import moto_kms  # noqa: F401  (fixture used by name)
+
+MiB = 1 << 20
+KEY = "alias/shared"
+
+
+class Hosts:
+    def __init__(self, tmp_path, cluster, namespace):
+        self.tmp_path, self.cluster, self.namespace = tmp_path, cluster, namespace
+        self.store = f"rbd://{cluster.pool}/{namespace}"
+        self.daemons: list[Daemon] = []
+
+    def host(self, client: str, start: bool = True) -> Daemon:
+        """A daemon of its own (state, runtime, RADOS client) on the shared pool."""
+        d = Daemon(self.tmp_path / client / "home", log_dir=self.tmp_path)
+        d.env.update(EVSCRYPT_STORE=self.store, CEPH_CONF=self.cluster.conf, EVSCRYPT_RBD_CLIENT=client)
+        self.daemons.append(d)
+        if start:
+            d.start()
+        return d
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            d.kill()
+        for d in reversed(self.daemons):
+            d.cleanup()
+
+
+@pytest.fixture
+def hosts(tmp_path, ceph_cluster, rbd_namespace, moto_kms):
+    reason = fuse_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    moto_kms.create_key(KEY)
+    h = Hosts(tmp_path, ceph_cluster, rbd_namespace)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+@pytest.fixture
+def ab(hosts):
+    return hosts.host(HOSTS[0]), hosts.host(HOSTS[1])
+
+
+def create(d: Daemon, name: str, size: str = "16M", *extra: str) -> None:
+    d.cli("volume", "create", name, "--size", size, "--kms", "aws", "--key", KEY, *extra)
+
+
+def names(d: Daemon) -> list[str]:
+    return [v["name"] for v in json.loads(d.cli("volume", "list", "--json").stdout)]
+
+
+def test_created_on_a_is_listed_and_described_on_b(ab):
+    a, b = ab
+    create(a, "v")
+    assert names(b) == ["v"]
+    info = json.loads(b.cli("volume", "info", "v", "--json").stdout)
+    assert info["image_path"].startswith("rbd:") and info["encrypted"] and info["attached"] is False
+    b.cli("volume", "delete", "v")
+    assert names(a) == []
+
+
+def test_attached_on_a_is_busy_on_b_naming_the_holder(ab):
+    a, b = ab
+    create(a, "v")
+    a.attach("v")
+    line = expect_fail(b, 6, "attach", "v", match="is attached")
+    assert f"pid {a.pid}" in line, line  # the holder describes itself
+    assert json.loads(b.cli("volume", "info", "v", "--json").stdout)["attached"] is True
+    expect_fail(b, 6, "volume", "delete", "v", match="is attached")
+
+
+def test_detach_on_a_then_attach_on_b_keeps_the_data(ab):
+    a, b = ab
+    create(a, "v")
+    data = rand(3 * MiB, "handover")
+    write_at(a.attach("v"), 5 * 4096, data)
+    a.cli("detach", "v")
+    assert read_direct(b.attach("v"), 5 * 4096, len(data)) == data
+    expect_fail(a, 6, "attach", "v", match=f"pid {b.pid}")
+
+
+def test_a_crashed_holder_is_fenced_by_break_lock(ab, hosts):
+    a, b = ab
+    create(a, "v")
+    data = rand(1 * MiB, "crash")
+    write_at(b.attach("v"), 0, data)
+    b.kill()  # SIGKILL: the host crashed with the lock held
+    expect_fail(a, 6, "attach", "v", match="is attached")
+    before = hosts.cluster.blocklist()
+    path = a.attach("v", "--break-lock")
+    assert read_direct(path, 0, len(data)) == data
+    assert hosts.cluster.blocklist() != before  # the dead client is fenced
+    write_at(path, 0, b"after the takeover")
+    assert read_direct(path, 0, 18) == b"after the takeover"
+
+
+def test_break_lock_is_refused_while_the_holder_answers(ab):
+    a, b = ab
+    create(a, "v")
+    path = a.attach("v")
+    expect_fail(b, 6, "attach", "v", "--break-lock", match="alive")
+    write_at(path, 0, b"still mine")  # A was neither fenced nor stopped
+    assert read_direct(path, 0, 10) == b"still mine"
+
+
+def test_a_state_directory_keeps_its_store(ab, hosts):
+    a, _ = ab
+    create(a, "v")
+    expect_fail(a, 3, "--store", f"rbd://{hosts.cluster.pool}/other", "volume", "list", match="uses the store")
+    expect_fail(a, 3, "--store", "local", "volume", "list", match="uses the store")
+    expect_fail(a, 3, "--store", "nfs://x", "volume", "list", match="unknown store")
+    assert names(a) == ["v"]
+
+
+def test_a_local_directory_is_not_turned_into_a_shared_one(tmp_path, hosts):
+    d = Daemon(tmp_path / "plain", log_dir=tmp_path)
+    hosts.daemons.append(d)
+    d.cli("volume", "list")  # a state directory of local files now
+    expect_fail(d, 3, "--store", hosts.store, "volume", "list", match="local files")
+
+
+def test_a_local_kms_volume_unwraps_only_on_its_host(ab):
+    a, b = ab
+    a.cli("volume", "create", "l", "--size", "8M", "--kms", "local")
+    expect_fail(b, 11, "attach", "l", match="only the host that created it")
+    a.attach("l")  # its own host can
+
+
+@needs_fio
+def test_fio_verify_across_hosts(ab):
+    a, b = ab
+    create(a, "f", "48M")
+    args = ["--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--direct=1"]
+    job = run_fio(a.attach("f"), args + ["--do_verify=1"])
+    assert job["read"]["io_bytes"] == 32 * MiB
+    a.cli("detach", "f")
+    job = run_fio(b.attach("f"), args + ["--verify_only"])
+    assert job["read"]["io_bytes"] == 32 * MiB
+
+
+def _files(mnt) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(mnt.iterdir()) if p.is_file()}
+
+
+def test_ext4_moves_between_hosts(ab, tmp_path):
+    reason = loop_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    a, b = ab
+    create(a, "fs", "64M")
+    mnt_a, mnt_b = a.mount_dir(tmp_path, "mnt-a"), b.mount_dir(tmp_path, "mnt-b")
+    a.cli("attach", "fs", "--mount", str(mnt_a), "--mkfs", "ext4")
+    for i in range(5):
+        (mnt_a / f"f{i}").write_bytes(rand(300_000 + i, ("ext4", i)))
+    want = _files(mnt_a)
+    a.cli("detach", "fs")
+    b.cli("attach", "fs", "--mount", str(mnt_b))
+    assert _files(mnt_b) == want
+    subprocess.run(["sync"], check=True)
+
+
+def test_the_pool_holds_no_plaintext(ab, hosts):
+    import rados
+
+    a, _ = ab
+    create(a, "p", "8M")
+    marker = b"EVSCRYPT-PLAINTEXT-MARKER-" * 157  # 4082 bytes: within one sector
+    path = a.attach("p")
+    for off in range(0, 4 * MiB, 256 * 1024):
+        write_at(path, off, marker)
+    a.cli("detach", "p")
+    seen = 0
+    with rados.Rados(conffile=hosts.cluster.conf, rados_id="admin") as c, c.open_ioctx(hosts.cluster.pool) as io:
+        io.set_namespace(hosts.namespace)
+        for obj in io.list_objects():
+            size, _ = io.stat(obj.key)
+            raw = io.read(obj.key, size) if size else b""
+            seen += len(raw)
+            assert b"EVSCRYPT-PLAINTEXT-MARKER" not in raw, obj.key
+            for key, value in io.get_xattrs(obj.key):
+                assert b"EVSCRYPT-PLAINTEXT-MARKER" not in value
+    assert seen >= 16 * 4096  # the data objects were read, not just the header
+
+
+def _parent(hosts, image: str) -> str | None:
+    import rados
+    import rbd
+
+    with rados.Rados(conffile=hosts.cluster.conf, rados_id="admin") as c, c.open_ioctx(hosts.cluster.pool) as io:
+        io.set_namespace(hosts.namespace)
+        with rbd.Image(io, image, read_only=True) as img:
+            try:
+                return img.get_parent_image_spec()["image_name"]
+            except rbd.ImageNotFound:
+                return None
+
+
+def test_snapshots_and_images_are_shared_and_volumes_are_clones(ab, hosts):
+    a, b = ab
+    create(a, "v")
+    path = a.attach("v")
+    first, second = rand(64 * 1024, "first"), rand(64 * 1024, "second")
+    write_at(path, 8192, first)
+    b.cli("snapshot", "create", "v", "s1")  # B snapshots the volume A has attached
+    write_at(path, 8192, second)
+    a.cli("image", "create", "i1", "--from-volume", "v")
+    snaps = json.loads(a.cli("snapshot", "list", "--json").stdout)
+    assert [(s["name"], s["volume"], s["encrypted"]) for s in snaps] == [("s1", "v", True)]
+    assert [i["name"] for i in json.loads(b.cli("image", "list", "--json").stdout)] == ["i1"]
+    b.cli("volume", "create", "w", "--from-snapshot", "s1")
+    assert _parent(hosts, "w") == ".snapshot=s1"  # a copy-on-write clone, not a copy
+    assert read_direct(b.attach("w"), 8192, len(first)) == first
+    a.cli("volume", "create", "u", "--from-image", "i1")
+    assert read_direct(a.attach("u"), 8192, len(second)) == second
+    # a clone outlives its snapshot; the encryption rules are those of any store
+    a.cli("snapshot", "delete", "s1")
+    assert json.loads(b.cli("snapshot", "list", "--json").stdout) == []
+    b.cli("detach", "w")
+    assert read_direct(b.attach("w"), 8192, len(first)) == first
+    expect_fail(a, 25, "volume", "create", "x", "--from-image", "i1", "--no-encrypt")
+    expect_fail(b, 3, "image", "copy", "i1", "i2")
+
+
+def test_backup_of_a_volume_attached_elsewhere_and_restore(ab, tmp_path):
+    a, b = ab
+    create(a, "v")
+    data = rand(2 * MiB, "backup")
+    write_at(a.attach("v"), 4096, data)
+    dest = tmp_path / "backups"
+    r = json.loads(b.cli("backup", "create", "v", str(dest), "--json").stdout)  # read through librbd on B
+    b.cli("volume", "create", "r", "--from-backup", r["source"])
+    assert read_direct(b.attach("r"), 4096, len(data)) == data
+    assert names(a) == ["r", "v"]
