@@ -117,16 +117,28 @@ class CopyStore:
         return sorted(p.name for p in self.dir.iterdir()
                       if not p.name.startswith(".") and (p / META_FILE).exists())
 
-    def meta(self, name: str) -> dict:
-        p = self.path(name) / META_FILE
+    #: Where :meth:`meta` reads what a copy is, for its messages.
+    meta_where = META_FILE
+
+    def _meta_bytes(self, name: str) -> bytes | None:
+        """The copy's record as stored; None if there is no such copy."""
         try:
-            d = json.loads(p.read_text())
+            return (self.path(name) / META_FILE).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"{self.kind} {name!r} not found")
-        except (OSError, ValueError) as e:
+            return None
+        except OSError as e:
             raise FormatError(f"{self.kind} {name!r}: {META_FILE} is unreadable ({e})")
+
+    def meta(self, name: str) -> dict:
+        raw = self._meta_bytes(name)
+        if raw is None:
+            raise NotFound(f"{self.kind} {name!r} not found")
+        try:
+            d = json.loads(raw)
+        except ValueError as e:
+            raise FormatError(f"{self.kind} {name!r}: {self.meta_where} is unreadable ({e})")
         if not isinstance(d, dict) or d.get("version") != META_VERSION:
-            raise FormatError(f"{self.kind} {name!r}: {META_FILE} has an unknown format")
+            raise FormatError(f"{self.kind} {name!r}: {self.meta_where} has an unknown format")
         return d
 
     def info(self, name: str) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import IMAGE
-from .errors import AlreadyExists, EvscryptError, FormatError, InvalidArgument, NotFound
+from .errors import AlreadyExists, EvscryptError, InvalidArgument, NotFound
 from .image import header as hdr
 from .names import check_name
 from .snapshots import META_VERSION, CopyStore, ImageStore, Online, Progress
@@ -60,17 +60,10 @@ class StoreCopies(CopyStore):
         prefix = f"meta/{self.kind}/"
         return sorted(k[len(prefix):] for k in self._kv.read().entries if k.startswith(prefix))
 
-    def meta(self, name: str) -> dict:
-        raw = self._kv.read().entries.get(self._meta_key(check_name(name, self.kind)))
-        if raw is None:
-            raise NotFound(f"{self.kind} {name!r} not found")
-        try:
-            d = json.loads(raw)
-        except ValueError:
-            raise FormatError(f"{self.kind} {name!r}: its record in the store's catalog is unreadable")
-        if not isinstance(d, dict) or d.get("version") != META_VERSION:
-            raise FormatError(f"{self.kind} {name!r}: its record in the store's catalog has an unknown format")
-        return d
+    meta_where = "its record in the store's catalog"
+
+    def _meta_bytes(self, name: str) -> bytes | None:
+        return self._kv.read().entries.get(self._meta_key(check_name(name, self.kind)))
 
     def info(self, name: str) -> dict:
         d = self.meta(name)

@@ -19,7 +19,7 @@ import pytest
 
 from ceph_fixture import HOSTS
 from daemon_fixture import (
-    Daemon, expect_fail, fuse_skip_reason, loop_skip_reason, needs_fio, rand, read_direct, run_fio, write_at,
+    Daemon, DaemonFactory, expect_fail, fuse_skip_reason, loop_skip_reason, needs_fio, rand, read_direct, run_fio, write_at,
 )
 from kms_fixtures import moto_kms  # noqa: F401  (fixture used by name)
 
@@ -27,26 +27,17 @@ MiB = 1 << 20
 KEY = "alias/shared"
 
 
-class Hosts:
+class Hosts(DaemonFactory):
     def __init__(self, tmp_path, cluster, namespace):
-        self.tmp_path, self.cluster, self.namespace = tmp_path, cluster, namespace
+        super().__init__(tmp_path)
+        self.cluster, self.namespace = cluster, namespace
         self.store = f"rbd://{cluster.pool}/{namespace}"
-        self.daemons: list[Daemon] = []
 
-    def host(self, client: str, start: bool = True) -> Daemon:
+    def host(self, client: str) -> Daemon:
         """A daemon of its own (state, runtime, RADOS client) on the shared pool."""
-        d = Daemon(self.tmp_path / client / "home", log_dir=self.tmp_path)
+        d = self(home=self.tmp_path / client / "home", start=False)
         d.env.update(EVSCRYPT_STORE=self.store, CEPH_CONF=self.cluster.conf, EVSCRYPT_RBD_CLIENT=client)
-        self.daemons.append(d)
-        if start:
-            d.start()
-        return d
-
-    def cleanup(self) -> None:
-        for d in self.daemons:
-            d.kill()
-        for d in reversed(self.daemons):
-            d.cleanup()
+        return d.start()
 
 
 @pytest.fixture
@@ -139,8 +130,7 @@ def test_a_state_directory_keeps_its_store(ab, hosts):
 
 
 def test_a_local_directory_is_not_turned_into_a_shared_one(tmp_path, hosts):
-    d = Daemon(tmp_path / "plain", log_dir=tmp_path)
-    hosts.daemons.append(d)
+    d = hosts(home=tmp_path / "plain", start=False)
     d.cli("volume", "list")  # a state directory of local files now
     expect_fail(d, 3, "--store", hosts.store, "volume", "list", match="local files")
 
