@@ -61,6 +61,11 @@ class _AsErrno:
 AS_ERRNO = _AsErrno()
 
 
+def _fuse_error(e: BaseException) -> BaseException:
+    """What a request's Future holds for ``e``: AS_ERRNO's FUSEError."""
+    return pyfuse3.FUSEError(errno_for(e)) if isinstance(e, (EvscryptError, OSError)) else e
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -226,6 +231,10 @@ class Operations(pyfuse3.Operations):
     # it is done, so several run at once while the worker goes on receiving.
     # The attachment is thread-safe.
     def read_sync(self, fh, off, size):
+        v = self._handle(fh)
+        if v.aio:  # a store image: in flight in the store, answered from its completion
+            with AS_ERRNO:
+                return v.read_later(off, size, _fuse_error)
         if size >= OFFLOAD_MIN:
             return self.m.pools.io.submit(self._read, fh, off, size)
         return self._read(fh, off, size)
@@ -241,6 +250,11 @@ class Operations(pyfuse3.Operations):
             buf = v.enter_write(off, buf)
         if buf is None:
             return None
+        if v.aio:
+            with AS_ERRNO:
+                fut = v.write_later(off, buf, _fuse_error)
+            if fut is not None:
+                return fut
         if len(buf) >= OFFLOAD_MIN:
             return self.m.pools.io.submit(self._write, v, off, buf)
         return self._write(v, off, buf)

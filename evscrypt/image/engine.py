@@ -262,5 +262,66 @@ class Engine:
             self._write_sectors(first, memoryview(zeros)[:n * SECTOR_SIZE])
             first += n
 
+    # -- in the background, on a store image -------------------------------------
+    @property
+    def aio(self) -> bool:
+        """Is the image a store's (RBD) rather than a file?  Then a request
+        can stay in flight in the store while the calling thread goes on
+        (:meth:`read_aio`, :meth:`write_aio`): a FUSE worker thread that
+        waited out each network round trip would serve one at a time."""
+        return type(self.fd) is not int
+
+    def read_aio(self, offset: int, length: int, done) -> None:
+        """Read a range in the background: ``done(plaintext, None)`` or
+        ``done(None, error)`` runs in the store's completion thread, which
+        also decrypts."""
+        self.check_range(offset, length)
+        cipher, zero = self.cipher, self.zero_unwritten
+        if cipher is None:
+            self.fd.aio_read(self.data_offset + offset, length, done)
+            return
+        sp = geometry.span(offset, length)
+
+        def finished(data, error) -> None:
+            if error is None:
+                try:
+                    out = bytearray(len(data))
+                    cipher.decrypt_into(sp.first, data, out, skip_zero=zero)
+                    data = out if sp.aligned else bytes(memoryview(out)[sp.head:sp.head + length])
+                except Exception as e:  # a cipher closed by a forced detach: the request fails
+                    data, error = None, e
+            done(data, error)
+
+        self.fd.aio_read(sector_to_backing(self.data_offset, sp.first), sp.byte_len, finished)
+
+    def write_aio(self, offset: int, data, done) -> bool:
+        """Write a range of whole sectors in the background: ``done(length,
+        None)`` or ``done(None, error)`` as for :meth:`read_aio`; the sectors'
+        locks are held until then.  False (nothing done) for a range that
+        needs a read-modify-write: :meth:`write` it."""
+        length = len(data)
+        self.check_range(offset, length)
+        cipher = self.cipher
+        if length == 0 or (cipher is not None and (offset % SECTOR_SIZE or length % SECTOR_SIZE)):
+            return False
+        sp = geometry.span(offset, length)
+        held = self._locks.acquire(sp.first, sp.count)
+
+        def finished(_, error) -> None:
+            self._locks.release(held)
+            done(None if error else length, error)
+
+        try:
+            if cipher is None:
+                out = bytes(data)  # the caller's buffer is not ours once we return
+            else:
+                out = bytearray(length)
+                cipher.encrypt_into(sp.first, data, out)
+            self.fd.aio_write(out, self.data_offset + offset, finished)
+        except BaseException:
+            self._locks.release(held)
+            raise
+        return True
+
     def fsync(self, datasync: bool = False) -> None:
         sync(self.fd, datasync)

@@ -102,6 +102,8 @@ class Done(Pending):
 
 
 T = TypeVar("T")
+#: What an asynchronous I/O calls when it has finished: (data, error).
+Completion = Callable[[object, "EvscryptError | None"], None]
 
 
 class Image(abc.ABC):
@@ -146,15 +148,35 @@ class Image(abc.ABC):
     def pwrite(self, data, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (within :meth:`size`)."""
 
-    def aio_read(self, offset: int, length: int) -> Pending:
-        """Start a read; the store may run it in the background."""
+    def aio_read(self, offset: int, length: int, done: Completion | None = None) -> Pending:
+        """Start a read; the store may run it in the background.  ``done(data,
+        error)``, if given, runs once it has finished, in whichever thread the
+        store completes it (here: at once, in this one); ``error`` is the
+        evscrypt error of a failure, else None."""
         buf = bytearray(length)
-        self.pread_into(buf, offset)
+        try:
+            self.pread_into(buf, offset)
+        except EvscryptError as e:
+            if done is None:
+                raise
+            done(None, e)
+            return Done()
+        if done is not None:
+            done(bytes(buf), None)
         return Done(bytes(buf))
 
-    def aio_write(self, data, offset: int) -> Pending:
-        """Start a write; ``data`` must not change until it is waited for."""
-        self.pwrite(data, offset)
+    def aio_write(self, data, offset: int, done: Completion | None = None) -> Pending:
+        """Start a write; ``data`` must not change until it has finished.
+        ``done(None, error)`` as for :meth:`aio_read`."""
+        try:
+            self.pwrite(data, offset)
+        except EvscryptError as e:
+            if done is None:
+                raise
+            done(None, e)
+            return Done()
+        if done is not None:
+            done(None, None)
         return Done()
 
     @abc.abstractmethod

@@ -83,13 +83,26 @@ def _converted(what: str):
 
 
 class RBDPending(Pending):
-    def __init__(self, what: str):
-        self.what = what
+    """An aio request; with ``done``, its completion calls it from librbd's
+    completion thread (python-rbd takes the GIL for the callback)."""
+
+    def __init__(self, what: str, done=None):
+        self.what, self.done = what, done
         self.data = None
         self.completion = None
 
+    def _error(self, completion) -> StorageError | None:
+        ret = completion.get_return_value()
+        return StorageError(f"{self.what}: {os.strerror(-ret)}") if ret < 0 else None
+
     def on_read(self, completion, data) -> None:  # librbd's thread
         self.data = data
+        if self.done is not None:
+            err = self._error(completion)
+            self.done(None if err else data, err)
+
+    def on_write(self, completion) -> None:  # librbd's thread
+        self.done(None, self._error(completion))
 
     def wait(self):
         self.completion.wait_for_complete_and_cb()
@@ -139,16 +152,17 @@ class RBDImage(Image):
         except (rbd.Error, rados.Error) as e:
             raise _error(e, f"cannot write image {self.name!r}") from None
 
-    def aio_read(self, offset: int, length: int) -> RBDPending:
-        p = RBDPending(f"cannot read image {self.name!r}")
+    def aio_read(self, offset: int, length: int, done=None) -> RBDPending:
+        p = RBDPending(f"cannot read image {self.name!r}", done)
         with _converted(p.what):
             p.completion = self._img.aio_read(offset, length, p.on_read)
         return p
 
-    def aio_write(self, data, offset: int) -> RBDPending:
-        p = RBDPending(f"cannot write image {self.name!r}")
+    def aio_write(self, data, offset: int, done=None) -> RBDPending:
+        p = RBDPending(f"cannot write image {self.name!r}", done)
         with _converted(p.what):
-            p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset, None)
+            p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset,
+                                               None if done is None else p.on_write)
         return p
 
     def data_extents(self, start: int, end: int):
@@ -198,6 +212,11 @@ class RBDImage(Image):
         self._locked = True
         with _converted(f"image {self.name!r}"):
             self._img.metadata_set(HOLDER_KEY, description)
+            # librbd's cache writes through until the first flush
+            # (rbd_cache_writethrough_until_flush), to protect guests that
+            # never flush; evscrypt flushes at every fsync and at detach, as
+            # the local store's page cache is written back at fsync
+            self._img.flush()
 
     def unlock(self) -> None:
         if not self._locked:
