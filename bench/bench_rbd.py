@@ -79,6 +79,7 @@ class Bench:
         self.conf = str(self.cdir / "ceph.conf")
         self.env = dict(os.environ, CEPH_CONF=self.conf)
         self.cleanups = []
+        self.pids: dict[str, int] = {}  # the process serving each FUSE disk, for its CPU time
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -147,6 +148,7 @@ class Bench:
         argv += ["--export", f"type=fuse,id=e,node-name={'l' if luks else 'r'},mountpoint={mnt},writable=on"]
         logf = open(self.scratch / f"{name}.log", "w")
         p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env)
+        self.pids[str(mnt)] = p.pid
 
         def stop():
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
@@ -172,6 +174,7 @@ class Bench:
                    EVSCRYPT_STORE=f"rbd://{POOL}", EVSCRYPT_RBD_CLIENT="admin")
         logf = open(self.scratch / f"{name}.log", "w")
         p = subprocess.Popen([str(EVSCRYPT), "daemon"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        self.pids[name] = p.pid
 
         def stop():
             subprocess.run([str(EVSCRYPT), "detach", name], env=env, capture_output=True, timeout=120)
@@ -186,12 +189,20 @@ class Bench:
             time.sleep(0.1)
         run([str(EVSCRYPT), "volume", "create", name, "--size", f"{SIZE >> 20}M"], env=env, timeout=120)
         disk = Path(run([str(EVSCRYPT), "attach", name], env=env, timeout=120).strip())
+        self.pids[str(disk)] = p.pid
         run(["fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1M", "--direct=1",
              "--ioengine=libaio", "--iodepth=4", f"--size={SIZE}"], timeout=600)
         return disk
 
     def qsd(self, job: str, disk: Path) -> dict:
-        return self.fio(job, [f"--filename={disk}", "--direct=1", "--ioengine=libaio", f"--size={os.stat(disk).st_size}"])
+        """fio on a FUSE disk, and the CPU time its server spent per I/O (a
+        figure the machine's other load disturbs less than IOPS)."""
+        pid = self.pids[str(disk)]
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        r = self.fio(job, [f"--filename={disk}", "--direct=1", "--ioengine=libaio", f"--size={os.stat(disk).st_size}"])
+        ios = r["iops"] * (time.monotonic() - t0)  # ramp and start-up included: an estimate
+        r["cpu_us_per_io"] = round((cpu_seconds(pid) - cpu0) * 1e6 / max(ios, 1), 1)
+        return r
 
     def store(self, job: str, mode: str) -> dict:
         """The evscrypt RBD store in-process: XTS per 4 KiB sector plus the
@@ -331,6 +342,12 @@ def main() -> None:
     for j in JOBS:
         if j in peer and j in evs:
             print(f"evs-rbd / qsd-rbd-luks, {j}: {evs[j]['iops'] / peer[j]['iops']:.2f}x")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one(b: Bench, system: str, job: str, disks: dict) -> dict:

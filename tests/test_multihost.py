@@ -9,10 +9,10 @@ real ext4 on loop devices, a real Ceph cluster: nothing is mocked.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import signal
 import subprocess
 
 import pytest
@@ -247,3 +247,54 @@ def test_backup_of_a_volume_attached_elsewhere_and_restore(ab, tmp_path):
     b.cli("volume", "create", "r", "--from-backup", r["source"])
     assert read_direct(b.attach("r"), 4096, len(data)) == data
     assert names(a) == ["r", "v"]
+
+
+def test_unaligned_and_large_requests_on_an_rbd_volume(ab):
+    """Whole sectors go to librbd in the background (aio); a partial sector
+    is a read-modify-write; large requests span RBD objects."""
+    a, _ = ab
+    create(a, "u", "16M")
+    path = a.attach("u")
+    model = bytearray(16 * MiB)
+    for off, n, seed in ((4090, 10, "edge"), (5000, 100, "inside"), (8192, 4096, "whole"),
+                         (3 * MiB - 7, 2 * MiB + 9, "spanning"), (12 * MiB, 1 * MiB, "large")):
+        data = rand(n, seed)
+        write_at(path, off, data)
+        model[off:off + n] = data
+    with open(path, "rb") as f:
+        assert f.read() == bytes(model)
+    a.cli("detach", "u")
+    assert read_direct(a.attach("u"), 0, 16 * MiB) == bytes(model)
+
+
+def _locker(hosts, image: str) -> str:
+    """The RADOS address that holds ``image``'s lock."""
+    import rados
+    import rbd
+
+    with rados.Rados(conffile=hosts.cluster.conf, rados_id="admin") as c, c.open_ioctx(hosts.cluster.pool) as io:
+        io.set_namespace(hosts.namespace)
+        with rbd.Image(io, image, read_only=True) as img:
+            return img.list_lockers()["lockers"][0][2]
+
+
+def test_a_fenced_holder_fails_its_io_and_the_volume(ab, hosts):
+    """When the cluster fences a host (blocklists its client), that host's
+    requests fail with EIO and the volume is marked failed: nothing is
+    written behind a new holder's back."""
+    a, _ = ab
+    create(a, "f", "8M")
+    path = a.attach("f")
+    write_at(path, 0, b"before")
+    hosts.cluster.ceph("osd", "blocklist", "add", _locker(hosts, "f"))
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    with pytest.raises(OSError) as e:
+        for i in range(64):  # until the fence reaches this client (its next OSD map)
+            os.pwrite(fd, rand(4096, i), 4096 * (i % 16))
+            os.fsync(fd)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:  # and close() says so too (FLUSH of a failed volume)
+        os.close(fd)
+    assert e.value.errno == errno.EIO
+    v = next(v for v in a.status()["volumes"] if v["name"] == "f")
+    assert v["state"] != "ok" and v["io"]["errors"] >= 1

@@ -203,9 +203,8 @@ class Attachment:
         return n
 
     # -- in the background, on a store image (Engine.aio) --------------------------
-    @property
-    def aio(self) -> bool:
-        return self.engine.aio
+    def __post_init__(self) -> None:
+        self.aio = self.engine.aio  # asked on every request: a plain attribute
 
     def read_later(self, off: int, size: int, error):
         """:meth:`read` in the background: a Future of the data that the
@@ -219,7 +218,10 @@ class Attachment:
 
         def done(data, e) -> None:
             if e is None:
-                self._end(reads=1, bytes_read=len(data))
+                with self.lock:  # _end(reads=1, bytes_read=...), inlined: the 4 KiB path
+                    self.inflight -= 1
+                    self.counters.reads += 1
+                    self.counters.bytes_read += len(data)
                 fut.set_result(data)
             else:
                 self._end_failed(e)
@@ -243,7 +245,10 @@ class Attachment:
         def done(n, e) -> None:
             self.gate.leave()
             if e is None:
-                self._end(writes=1, bytes_written=n)
+                with self.lock:  # _end(writes=1, bytes_written=n), inlined: the 4 KiB path
+                    self.inflight -= 1
+                    self.counters.writes += 1
+                    self.counters.bytes_written += n
                 fut.set_result(n)
             else:
                 self._end_failed(e)

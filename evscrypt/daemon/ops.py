@@ -236,12 +236,13 @@ class Operations(pyfuse3.Operations):
             with AS_ERRNO:
                 return v.read_later(off, size, _fuse_error)
         if size >= OFFLOAD_MIN:
-            return self.m.pools.io.submit(self._read, fh, off, size)
-        return self._read(fh, off, size)
+            return self.m.pools.io.submit(self._read, v, off, size)
+        return self._read(v, off, size)
 
-    def _read(self, fh, off, size):
+    @staticmethod
+    def _read(v: Attachment, off, size):
         with AS_ERRNO:
-            return self._handle(fh).read(off, size)
+            return v.read(off, size)
 
     def write_sync(self, fh, off, buf):
         """The write, or None if a snapshot holds the gate (write() then waits)."""

@@ -84,12 +84,19 @@ def _converted(what: str):
 
 class RBDPending(Pending):
     """An aio request; with ``done``, its completion calls it from librbd's
-    completion thread (python-rbd takes the GIL for the callback)."""
+    completion thread (python-rbd takes the GIL for the callback).  On every
+    request: slots, and the message made only for a failure."""
 
-    def __init__(self, what: str, done=None):
-        self.what, self.done = what, done
+    __slots__ = ("image", "verb", "done", "data", "completion")
+
+    def __init__(self, image: str, verb: str, done=None):
+        self.image, self.verb, self.done = image, verb, done
         self.data = None
         self.completion = None
+
+    @property
+    def what(self) -> str:
+        return f"cannot {self.verb} image {self.image!r}"
 
     def _error(self, completion) -> StorageError | None:
         ret = completion.get_return_value()
@@ -98,8 +105,9 @@ class RBDPending(Pending):
     def on_read(self, completion, data) -> None:  # librbd's thread
         self.data = data
         if self.done is not None:
-            err = self._error(completion)
-            self.done(None if err else data, err)
+            # python-rbd passes None for a failed read: only then ask why
+            # (get_return_value drops the GIL, and another thread takes it)
+            self.done(data, None) if data is not None else self.done(None, self._error(completion))
 
     def on_write(self, completion) -> None:  # librbd's thread
         self.done(None, self._error(completion))
@@ -153,16 +161,20 @@ class RBDImage(Image):
             raise _error(e, f"cannot write image {self.name!r}") from None
 
     def aio_read(self, offset: int, length: int, done=None) -> RBDPending:
-        p = RBDPending(f"cannot read image {self.name!r}", done)
-        with _converted(p.what):
+        p = RBDPending(self.name, "read", done)
+        try:  # not _converted(): the hot path
             p.completion = self._img.aio_read(offset, length, p.on_read)
+        except (rbd.Error, rados.Error) as e:
+            raise _error(e, p.what) from None
         return p
 
     def aio_write(self, data, offset: int, done=None) -> RBDPending:
-        p = RBDPending(f"cannot write image {self.name!r}", done)
-        with _converted(p.what):
+        p = RBDPending(self.name, "write", done)
+        try:
             p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset,
                                                None if done is None else p.on_write)
+        except (rbd.Error, rados.Error) as e:
+            raise _error(e, p.what) from None
         return p
 
     def data_extents(self, start: int, end: int):
