@@ -4,8 +4,9 @@
 # and on stock pyfuse3 as a pip install runs it).
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
-# see bench/bench_fio.py for the other BENCH_* variables.  `make bench-rbd` runs only
-# the install steps (BENCH_ONLY_INSTALL=1): qemu-block-extra is qemu's rbd driver.
+# see bench/bench_fio.py for the other BENCH_* variables.  Then bench/bench_rbd.py:
+# the RBD peers and evscrypt on an RBD pool.  `make bench-rbd` runs only the install
+# steps (BENCH_ONLY_INSTALL=1), then bench_rbd.py: qemu-block-extra is qemu's rbd driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +37,7 @@ if [[ ! -x $STOCK/bin/evscrypt || -n $(find evscrypt pyproject.toml setup.py -ne
     touch "$STOCK/bin/evscrypt" 2>/dev/null || true
 fi
 
-exec "$VENV/bin/python" bench/bench_fio.py "$@"
+"$VENV/bin/python" bench/bench_fio.py "$@"
+# The RBD table: qemu-storage-daemon driver=rbd (+ luks) over FUSE, `rbd bench`
+# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster.
+exec "$VENV/bin/python" bench/bench_rbd.py
