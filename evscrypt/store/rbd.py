@@ -366,7 +366,8 @@ class RBDStore(BackingStore):
 
     @contextlib.contextmanager
     def _using(self, name: str, what: str, *, write: bool = False):
-        """Image ``name`` open for one operation, its errors converted as ``what``."""
+        """Open image *name* for one short operation, turning vendor errors
+        into evscrypt's with *what* as the context, and close it after."""
         img = self._image(name, write=write)
         try:
             with _converted(what):
@@ -461,7 +462,8 @@ class RBDStore(BackingStore):
     def snapshots(self, name: str) -> list[str]:
         with self._using(name, f"image {name!r}") as img:
             return sorted(s["name"] for s in img.list_snaps()
-                          if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER) == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+                          if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+                          == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
 
     def delete_snapshot(self, name: str, snap: str) -> None:
         with self._using(name, f"cannot delete snapshot {name}@{snap}", write=True) as img:
