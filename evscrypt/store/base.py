@@ -106,6 +106,21 @@ T = TypeVar("T")
 Completion = Callable[[object, "EvscryptError | None"], None]
 
 
+def _at_once(io: Callable[[], object], done: Completion | None) -> Pending:
+    """An "asynchronous" I/O done at once: ``io()``'s result as a finished
+    Pending, and to ``done`` if given (which then gets a failure too)."""
+    try:
+        result = io()
+    except EvscryptError as e:
+        if done is None:
+            raise
+        done(None, e)
+        return Done()
+    if done is not None:
+        done(result, None)
+    return Done(result)
+
+
 class Image(abc.ABC):
     """One open backing image.  I/O methods may be called from many threads
     at once; open/close/lock from one."""
@@ -153,31 +168,16 @@ class Image(abc.ABC):
         error)``, if given, runs once it has finished, in whichever thread the
         store completes it (here: at once, in this one); ``error`` is the
         evscrypt error of a failure, else None."""
-        buf = bytearray(length)
-        try:
+        def read() -> bytes:
+            buf = bytearray(length)
             self.pread_into(buf, offset)
-        except EvscryptError as e:
-            if done is None:
-                raise
-            done(None, e)
-            return Done()
-        if done is not None:
-            done(bytes(buf), None)
-        return Done(bytes(buf))
+            return bytes(buf)
+        return _at_once(read, done)
 
     def aio_write(self, data, offset: int, done: Completion | None = None) -> Pending:
         """Start a write; ``data`` must not change until it has finished.
         ``done(None, error)`` as for :meth:`aio_read`."""
-        try:
-            self.pwrite(data, offset)
-        except EvscryptError as e:
-            if done is None:
-                raise
-            done(None, e)
-            return Done()
-        if done is not None:
-            done(None, None)
-        return Done()
+        return _at_once(lambda: self.pwrite(data, offset), done)
 
     @abc.abstractmethod
     def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
