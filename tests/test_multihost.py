@@ -296,3 +296,24 @@ def test_a_fenced_holder_fails_its_io_and_the_volume(ab, hosts):
     assert e.value.errno == errno.EIO
     v = next(v for v in a.status()["volumes"] if v["name"] == "f")
     assert v["state"] != "ok" and v["io"]["errors"] >= 1
+
+
+def test_resize_of_an_attached_volume_is_seen_by_the_other_host(ab):
+    a, b = ab
+    create(a, "g", "8M")
+    path = a.attach("g")
+    a.cli("volume", "resize", "g", "--size", "24M")
+    assert os.stat(path).st_size == 24 * MiB
+    write_at(path, 20 * MiB, b"in the grown part")
+    a.cli("detach", "g")
+    assert json.loads(b.cli("volume", "info", "g", "--json").stdout)["size"] == 24 * MiB
+    assert read_direct(b.attach("g"), 20 * MiB, 17) == b"in the grown part"
+
+
+def test_dump_key_of_a_volume_in_the_pool_says_to_export_it_first(ab, hosts, tmp_path):
+    a, _ = ab
+    create(a, "k", "8M")
+    p = a.cli("volume", "dump-key", "k", "--key-file", str(tmp_path / "k.key"))
+    assert f"rbd export {hosts.cluster.pool}/{hosts.namespace}/k k.img" in p.stderr
+    assert "cryptsetup open" in p.stdout and " k.img " in p.stdout
+    assert os.stat(tmp_path / "k.key").st_size == 64

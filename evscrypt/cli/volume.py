@@ -199,6 +199,10 @@ def dump_key(env: Env, name, key_file):
     h = env.store.header(name)
     image = env.store.dump_key(name, key_file)
     warn(f"{key_file} holds the plaintext data key of {name}: anyone who reads it can read the volume")
+    if env.store.images.shared:  # cryptsetup opens a file: `rbd export` makes one, byte for byte
+        warn(f"the image is in an RBD pool: run 'rbd export {image.split(':', 1)[1]} {name}.img' "
+             f"and open that file")
+        image = f"{name}.img"
     click.echo(cryptsetup_command(image, key_file, h))
 
 
