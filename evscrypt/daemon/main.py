@@ -125,7 +125,7 @@ def lock_memory(allow_swappable_keys: bool) -> None:
 
 
 def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
-        debug: bool = False, allow_swappable_keys: bool = False) -> int:
+        debug: bool = False, allow_swappable_keys: bool = False, store: str | None = None) -> int:
     setup_logging(debug)
     set_nondumpable()
     lock_memory(allow_swappable_keys)
@@ -145,7 +145,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     pools = Pools.sized()
-    manager = VolumeManager(VolumeStore(home), mountpoint, FuseKernel(), pools)
+    manager = VolumeManager(VolumeStore(home, store), mountpoint, FuseKernel(), pools)
     no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
     manager.c_path = no_c is None
     threads = fuse_threads(manager.c_path)

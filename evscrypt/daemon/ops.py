@@ -61,6 +61,11 @@ class _AsErrno:
 AS_ERRNO = _AsErrno()
 
 
+def _fuse_error(e: BaseException) -> BaseException:
+    """What a request's Future holds for ``e``: AS_ERRNO's FUSEError."""
+    return pyfuse3.FUSEError(errno_for(e)) if isinstance(e, (EvscryptError, OSError)) else e
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -237,12 +242,16 @@ class Operations(pyfuse3.Operations):
     # ``with AS_ERRNO`` costs two calls, and a write that needs no pool is
     # done in the one frame.
     def read_sync(self, fh, off, size):
-        if size >= OFFLOAD_MIN:
-            return self.m.pools.io.submit(self._read, fh, off, size)
-        return self._read(fh, off, size)
-
-    def _read(self, fh, off, size):
         v = self._handle(fh)
+        if v.aio:  # a store image: in flight in the store, answered from its completion
+            with AS_ERRNO:
+                return v.read_later(off, size, _fuse_error)
+        if size >= OFFLOAD_MIN:
+            return self.m.pools.io.submit(self._read, v, off, size)
+        return self._read(v, off, size)
+
+    @staticmethod
+    def _read(v: Attachment, off, size):
         try:
             return v.read(off, size)
         except (EvscryptError, OSError) as e:
@@ -255,6 +264,10 @@ class Operations(pyfuse3.Operations):
             buf = v.enter_write(off, buf)
             if buf is None:
                 return None
+            if v.aio:
+                fut = v.write_later(off, buf, _fuse_error)
+                if fut is not None:
+                    return fut
             if len(buf) >= OFFLOAD_MIN:
                 return self.m.pools.io.submit(self._write, v, off, buf)
             return v.finish_write(off, buf)
