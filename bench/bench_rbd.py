@@ -7,6 +7,8 @@ runs 4k random read and write at queue depth 16 on a prefilled 256 MiB image:
   fio-rbd        fio's rbd engine: the same limit, measured by fio
   qsd-rbd        qemu-storage-daemon driver=rbd, FUSE export, fio libaio
   qsd-rbd-luks   the same with a luks layer (aes-256-xts-plain64): the peer
+  evs-rbd        an evscrypt daemon whose store is the pool (EVSCRYPT_STORE),
+                 an XTS-AES-256 volume (local KMS), its disk file, fio libaio
   store-threads  evscrypt's RBD store in-process, no FUSE: 16 threads each
                  doing XTS + pread_into/pwrite (the engine's per-request work)
   store-aio      the same, one thread keeping 16 aio requests in flight
@@ -15,11 +17,15 @@ Every system runs with librbd's cache in writeback mode (rbd bench and fio
 flush once; qemu's default cache mode; the store flushes at its start), the
 way evscrypt's local store writes through the page cache until fsync.
 
-It prints a table and writes bench/results/rbd-latest.json.  A later `make bench` can take
-the peers as columns (setup_qsd_rbd_luks is written for that).
+Each job runs BENCH_ROUNDS times, the systems alternating within each
+round (the machine's load drifts; alternating spreads the drift over all of
+them), and the table shows the median of the rounds; the JSON keeps every
+round.  It prints a table and writes bench/results/rbd-latest.json;
+`make bench` runs it after bench_fio.py.
 
   BENCH_RUNTIME  seconds per job (default 10)   BENCH_DIR  parent of the scratch dir (/var/tmp)
   BENCH_SYSTEMS  comma list (default: all)      BENCH_KEEP=1  keep the scratch dir
+  BENCH_ROUNDS   rounds (default 3)
 
 Needs ceph-mon ceph-osd ceph-common (make install), fio, qemu-utils,
 qemu-system-common (qemu-storage-daemon) and qemu-block-extra (its rbd driver).
@@ -30,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import shutil
 import subprocess
 import sys
@@ -48,7 +55,9 @@ BS = 4096
 QD = 16
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "10"))
 PASSPHRASE = "evscrypt-bench"
-SYSTEMS = ["rbd-bench", "fio-rbd", "qsd-rbd", "qsd-rbd-luks", "store-threads", "store-aio"]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SYSTEMS = ["rbd-bench", "fio-rbd", "qsd-rbd", "qsd-rbd-luks", "evs-rbd", "store-threads", "store-aio"]
+EVSCRYPT = ROOT / ".venv" / "bin" / "evscrypt"
 JOBS = ["randread", "randwrite"]
 
 
@@ -70,6 +79,7 @@ class Bench:
         self.conf = str(self.cdir / "ceph.conf")
         self.env = dict(os.environ, CEPH_CONF=self.conf)
         self.cleanups = []
+        self.pids: dict[str, int] = {}  # the process serving each FUSE disk, for its CPU time
 
     def start(self) -> None:
         t0 = time.monotonic()
@@ -138,6 +148,7 @@ class Bench:
         argv += ["--export", f"type=fuse,id=e,node-name={'l' if luks else 'r'},mountpoint={mnt},writable=on"]
         logf = open(self.scratch / f"{name}.log", "w")
         p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env)
+        self.pids[str(mnt)] = p.pid
 
         def stop():
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
@@ -155,8 +166,43 @@ class Bench:
              "--ioengine=libaio", "--iodepth=4", f"--size={os.stat(mnt).st_size}"], timeout=600)
         return mnt
 
+    def setup_evs(self, name: str) -> Path:
+        """An evscrypt daemon on the pool: a volume of SIZE (XTS-AES-256, local
+        KMS), attached; its disk file, prefilled as the qsd disks are."""
+        runtime = Path(tempfile.mkdtemp(prefix="evsr.", dir="/tmp"))  # the socket path must stay short
+        env = dict(self.env, EVSCRYPT_HOME=str(self.scratch / "evs-home"), EVSCRYPT_RUNTIME_DIR=str(runtime),
+                   EVSCRYPT_STORE=f"rbd://{POOL}", EVSCRYPT_RBD_CLIENT="admin")
+        logf = open(self.scratch / f"{name}.log", "w")
+        p = subprocess.Popen([str(EVSCRYPT), "daemon"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        self.pids[name] = p.pid
+
+        def stop():
+            subprocess.run([str(EVSCRYPT), "detach", name], env=env, capture_output=True, timeout=120)
+            p.terminate()
+            p.wait(60)
+            shutil.rmtree(runtime, ignore_errors=True)
+        self.cleanups.append(stop)
+        deadline = time.monotonic() + 90
+        while subprocess.run([str(EVSCRYPT), "status"], env=env, capture_output=True).returncode:
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"evscrypt daemon did not start: {(self.scratch / f'{name}.log').read_text()[-800:]}")
+            time.sleep(0.1)
+        run([str(EVSCRYPT), "volume", "create", name, "--size", f"{SIZE >> 20}M"], env=env, timeout=120)
+        disk = Path(run([str(EVSCRYPT), "attach", name], env=env, timeout=120).strip())
+        self.pids[str(disk)] = p.pid
+        run(["fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1M", "--direct=1",
+             "--ioengine=libaio", "--iodepth=4", f"--size={SIZE}"], timeout=600)
+        return disk
+
     def qsd(self, job: str, disk: Path) -> dict:
-        return self.fio(job, [f"--filename={disk}", "--direct=1", "--ioengine=libaio", f"--size={os.stat(disk).st_size}"])
+        """fio on a FUSE disk, and the CPU time its server spent per I/O (a
+        figure the machine's other load disturbs less than IOPS)."""
+        pid = self.pids[str(disk)]
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        r = self.fio(job, [f"--filename={disk}", "--direct=1", "--ioengine=libaio", f"--size={os.stat(disk).st_size}"])
+        ios = r["iops"] * (time.monotonic() - t0)  # ramp and start-up included: an estimate
+        r["cpu_us_per_io"] = round((cpu_seconds(pid) - cpu0) * 1e6 / max(ios, 1), 1)
+        return r
 
     def store(self, job: str, mode: str) -> dict:
         """The evscrypt RBD store in-process: XTS per 4 KiB sector plus the
@@ -247,7 +293,8 @@ def main() -> None:
             wanted.remove(system)
     scratch = Path(tempfile.mkdtemp(prefix="evscrypt-bench-rbd.", dir=base))
     b = Bench(scratch)
-    results: dict[str, dict] = {}
+    rounds: dict[str, dict[str, list]] = {}
+    errors: dict[str, str] = {}
     try:
         b.start()
         b.image = b.prefilled("raw")
@@ -256,34 +303,61 @@ def main() -> None:
             try:
                 if system in ("qsd-rbd", "qsd-rbd-luks"):
                     disks[system] = b.setup_qsd(system, luks=system.endswith("luks"))
-                for job in JOBS:
-                    log(f"{system} {job}")
-                    if system == "rbd-bench":
-                        r = b.rbd_bench(job)
-                    elif system == "fio-rbd":
-                        r = b.fio_rbd(job)
-                    elif system.startswith("qsd"):
-                        r = b.qsd(job, disks[system])
-                    else:
-                        r = b.store(job, system.split("-")[1])
-                    results.setdefault(system, {})[job] = r
-                    log(f"  {r}")
+                elif system == "evs-rbd":
+                    disks[system] = b.setup_evs("evs")
             except Exception as e:
-                log(f"{system}: failed: {e}")
-                results.setdefault(system, {})["error"] = str(e)
+                log(f"{system}: set-up failed: {e}")
+                errors[system] = str(e)
+        for i in range(ROUNDS):
+            for job in JOBS:
+                for system in (s for s in wanted if s not in errors):
+                    log(f"round {i + 1}/{ROUNDS}: {system} {job}")
+                    try:
+                        r = one(b, system, job, disks)
+                    except Exception as e:
+                        log(f"{system}: failed: {e}")
+                        errors[system] = str(e)
+                        continue
+                    rounds.setdefault(system, {}).setdefault(job, []).append(r)
+                    log(f"  {r}")
     finally:
         b.close()
         if os.environ.get("BENCH_KEEP") != "1":
             shutil.rmtree(scratch, ignore_errors=True)
-    out = {"size": SIZE, "bs": BS, "qd": QD, "runtime": RUNTIME, "results": results,
+    results = {s: {j: {"iops": round(statistics.median(r["iops"] for r in rs)), "rounds": rs}
+                   for j, rs in jobs.items()} for s, jobs in rounds.items()}
+    for s, e in errors.items():
+        results.setdefault(s, {})["error"] = e
+    out = {"size": SIZE, "bs": BS, "qd": QD, "runtime": RUNTIME, "rounds": ROUNDS, "results": results,
            "nproc": os.cpu_count(), "loadavg": open("/proc/loadavg").read().split()[:3]}
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / "rbd-latest.json").write_text(json.dumps(out, indent=1))
+    print(f"median of {ROUNDS} round(s)")
     print(f"{'system':<16}{'4k randread QD16':>20}{'4k randwrite QD16':>20}")
     for system, r in results.items():
         cells = [f"{r[j]['iops']:>14} IOPS" if j in r else f"{'-':>19}" for j in JOBS]
         print(f"{system:<16}{cells[0]:>20}{cells[1]:>20}")
+    peer, evs = results.get("qsd-rbd-luks", {}), results.get("evs-rbd", {})
+    for j in JOBS:
+        if j in peer and j in evs:
+            print(f"evs-rbd / qsd-rbd-luks, {j}: {evs[j]['iops'] / peer[j]['iops']:.2f}x")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one(b: Bench, system: str, job: str, disks: dict) -> dict:
+    if system == "rbd-bench":
+        return b.rbd_bench(job)
+    if system == "fio-rbd":
+        return b.fio_rbd(job)
+    if system in disks:
+        return b.qsd(job, disks[system])
+    return b.store(job, system.split("-")[1])
 
 
 if __name__ == "__main__":

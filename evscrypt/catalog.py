@@ -247,3 +247,76 @@ class Catalog:
             doc = self._doc_locked()
             if doc[kind].pop(name, None) is not None:
                 self._write(doc)
+
+
+class SharedCatalog(Catalog):
+    """The catalog of a store that many hosts share (evscrypt.store: its
+    ``shared`` stores): the entries live in the store's own key-value area
+    (on RBD, the omap of one RADOS object), one key ``KIND/NAME`` each, so
+    every host checks images against the same facts.  Each change is one
+    compare-and-swap (evscrypt.store.base.Catalog.update): two hosts never
+    lose each other's entries.  There is nothing to adopt: a shared store
+    starts with its catalog."""
+
+    def __init__(self, kv):
+        self._kv = kv
+
+    @staticmethod
+    def _key(kind: str, name: str) -> str:
+        return f"{kind}/{name}"
+
+    @staticmethod
+    def _decode(raw: bytes, what: str) -> dict:
+        try:
+            d = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise FormatError(f"the shared catalog's entry for {what} is damaged (not JSON)")
+        if not isinstance(d, dict):
+            raise FormatError(f"the shared catalog's entry for {what} has an unknown format")
+        return d
+
+    def names(self, kind: str) -> list[str]:
+        prefix = kind + "/"
+        return sorted(k[len(prefix):] for k in self._kv.read().entries if k.startswith(prefix))
+
+    def get(self, kind: str, name: str) -> Entry | None:
+        raw = self._kv.read().entries.get(self._key(kind, name))
+        return None if raw is None else Entry.from_json(self._decode(raw, f"{kind} {name!r}"))
+
+    def put(self, kind: str, name: str, entry: Entry) -> None:
+        data = json.dumps(entry.to_json(), sort_keys=True).encode()
+        self._kv.update(lambda entries: ({self._key(kind, name): data}, ()))
+
+    def remove(self, kind: str, name: str) -> None:
+        key = self._key(kind, name)
+        self._kv.update(lambda entries: ({}, (key,) if key in entries else ()))
+
+    def grow(self, name: str, size: int) -> None:
+        key = self._key(VOLUME, name)
+
+        def change(entries):
+            if key not in entries:
+                return {}, ()
+            d = self._decode(entries[key], f"volume {name!r}")
+            if d.get("size", 0) >= size:
+                return {}, ()
+            return {key: json.dumps({**d, "size": size}, sort_keys=True).encode()}, ()
+
+        self._kv.update(change)
+
+    @contextlib.contextmanager
+    def adding(self, kind: str, name: str, entry: Entry):
+        key = self._key(kind, name)
+        data = json.dumps(entry.to_json(), sort_keys=True).encode()
+        old: dict = {}
+
+        def change(entries):
+            old["raw"] = entries.get(key)
+            return {key: data}, ()
+
+        self._kv.update(change)
+        try:
+            yield
+        except BaseException:
+            self._kv.update(lambda entries: ({key: old["raw"]}, ()) if old["raw"] is not None else ({}, (key,)))
+            raise

@@ -46,8 +46,8 @@ class Client:
     def status(self) -> dict:
         return self.call(protocol.STATUS)
 
-    def attach(self, name: str, mount: str | None = None, mkfs: str | None = None) -> dict:
-        return self.call(protocol.ATTACH, name=name, mount=mount, mkfs=mkfs)
+    def attach(self, name: str, mount: str | None = None, mkfs: str | None = None, break_lock: bool = False) -> dict:
+        return self.call(protocol.ATTACH, name=name, mount=mount, mkfs=mkfs, break_lock=break_lock)
 
     def detach(self, name: str, force: bool = False) -> dict:
         return self.call(protocol.DETACH, name=name, force=force)

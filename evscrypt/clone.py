@@ -41,6 +41,7 @@ from .catalog import Entry
 from .crypto.xts import SectorCipher
 from .errors import EncryptionRuleError, InvalidArgument
 from .image import header as hdr
+from .image.backing import close, truncate
 from .image.copy import pwrite_sparse, read_chunks
 from .image.transcode import transcode
 from .snapshots import CopyStore, ImageStore
@@ -160,14 +161,14 @@ def from_copy(volumes: VolumeStore, copies: CopyStore, name: str, source: str, w
     origin = {"type": copies.kind, "source": source}
     if how == COPY:
         return volumes.create_copy(name, copies.write_image_to(source, progress), entry, origin=origin, size=size,
-                                   owner=owner)
+                                   owner=owner, start=copies.clone_source(source))
     fd = copies.open_image(source)
     try:
         image_size = src_header.data_offset + src_header.size
         chunks = _counted(read_chunks(fd, 0, image_size, CHUNK_SIZE), progress, image_size)
         return _transcode(volumes, name, src_header, entry, chunks, encrypt, want, size, origin, owner)
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def from_backup(volumes: VolumeStore, store: BackupStore, m: Manifest, name: str, want: Want, *,
@@ -183,11 +184,11 @@ def from_backup(volumes: VolumeStore, store: BackupStore, m: Manifest, name: str
     entry = Entry.of_image(src_header)  # a backup is outside the catalog: its header (MAC) vouches for it
     chunks = itertools.chain([first], it)
     if how == COPY:
-        def write_image(fd: int) -> None:
+        def write_image(fd) -> None:
+            truncate(fd, m.image_size)  # first: an RBD image, unlike a file, does not grow by writes
             for off, data in chunks:
                 if data is not None:
                     pwrite_sparse(fd, off, data)
-            os.ftruncate(fd, m.image_size)
         return volumes.create_copy(name, write_image, entry, origin=origin, size=size, owner=owner)
     return _transcode(volumes, name, src_header, entry, chunks, encrypt, want, size, origin, owner)
 
@@ -247,7 +248,7 @@ def _transcode_image(volumes: VolumeStore, images: ImageStore, source: str, src:
         finally:
             os.close(fd)
     finally:
-        os.close(src_fd)
+        close(src_fd)
         if cipher is not None:
             cipher.close()
 

@@ -94,6 +94,8 @@ VOLUME_SUFFIX = ".img"
 COPY_IMAGE, COPY_META = "image", "meta.json"
 #: The catalog's file and its lock file, in the state directory itself.
 CATALOG_FILE, CATALOG_LOCK = "catalog.json", ".catalog.lock"
+#: Which backing store the state directory's volumes live in (evscrypt.store.chosen).
+STORE_FILE = "store"
 
 
 def volumes_dir(home):

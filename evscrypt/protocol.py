@@ -75,7 +75,8 @@ class Op:
 
 PING = Op("ping", timeout=5.0)  # is a daemon up? (the daemon asks it at start)
 STATUS = Op("status", timeout=60.0)
-ATTACH = Op("attach", Arg("name", str, required=True), Arg("mount", str), Arg("mkfs", str))
+ATTACH = Op("attach", Arg("name", str, required=True), Arg("mount", str), Arg("mkfs", str),
+            Arg("break_lock", bool, default=False))
 DETACH = Op("detach", Arg("name", str, required=True), Arg("force", bool, default=False))
 #: A quiesced copy of an attached volume can take a while on a filesystem
 #: without reflinks; the daemon stops by itself if the CLI goes away.

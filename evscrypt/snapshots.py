@@ -33,7 +33,7 @@ from .catalog import IMAGE, SNAPSHOT, VOLUME, Entry
 from .errors import AlreadyExists, EncryptionRuleError, EvscryptError, FormatError, NotFound
 from .fsutil import fsync_dir, rename_noreplace, temp_name, write_atomic
 from .image import header as hdr
-from .image.backing import storage_error
+from .image.backing import close, size_of, storage_error
 from .image.copy import sparse_copy
 from . import tempentry
 from .names import check_name
@@ -117,16 +117,28 @@ class CopyStore:
         return sorted(p.name for p in self.dir.iterdir()
                       if not p.name.startswith(".") and (p / META_FILE).exists())
 
-    def meta(self, name: str) -> dict:
-        p = self.path(name) / META_FILE
+    #: Where :meth:`meta` reads what a copy is, for its messages.
+    meta_where = META_FILE
+
+    def _meta_bytes(self, name: str) -> bytes | None:
+        """The copy's record as stored; None if there is no such copy."""
         try:
-            d = json.loads(p.read_text())
+            return (self.path(name) / META_FILE).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"{self.kind} {name!r} not found")
-        except (OSError, ValueError) as e:
+            return None
+        except OSError as e:
             raise FormatError(f"{self.kind} {name!r}: {META_FILE} is unreadable ({e})")
+
+    def meta(self, name: str) -> dict:
+        raw = self._meta_bytes(name)
+        if raw is None:
+            raise NotFound(f"{self.kind} {name!r} not found")
+        try:
+            d = json.loads(raw)
+        except ValueError as e:
+            raise FormatError(f"{self.kind} {name!r}: {self.meta_where} is unreadable ({e})")
         if not isinstance(d, dict) or d.get("version") != META_VERSION:
-            raise FormatError(f"{self.kind} {name!r}: {META_FILE} has an unknown format")
+            raise FormatError(f"{self.kind} {name!r}: {self.meta_where} has an unknown format")
         return d
 
     def info(self, name: str) -> dict:
@@ -216,10 +228,24 @@ class CopyStore:
         try:
             h = hdr.load(fd, f"{self.kind} {name!r}").header
         finally:
-            os.close(fd)
+            close(fd)
         return h, self.catalog.check(self.kind, name, h)
 
-    def open_image(self, name: str) -> int:
+    def image_size(self, name: str) -> int:
+        fd = self.open_image(name)
+        try:
+            return size_of(fd)
+        finally:
+            close(fd)
+
+    def clone_source(self, name: str) -> tuple[str, str] | None:
+        """The store image and snapshot that a volume made from this copy is
+        a copy-on-write clone of (VolumeStore.create_copy); None: copied."""
+        return None
+
+    def open_image(self, name: str):
+        """The copy's image handle (evscrypt.image.backing), for one use;
+        :func:`evscrypt.image.backing.close` it."""
         try:
             return os.open(self.image_path(name), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -229,12 +255,12 @@ class CopyStore:
 
     def write_image_to(self, name: str, progress: Progress | None = None) -> Callable[[int], None]:
         """A ``write_image`` for VolumeStore.create_copy: clone this image into the new volume."""
-        def write(fd: int) -> None:
+        def write(fd) -> None:
             src = self.open_image(name)
             try:
                 sparse_copy(src, fd, progress=progress)
             finally:
-                os.close(src)
+                close(src)
         return write
 
 
@@ -261,7 +287,7 @@ class ImageStore(CopyStore):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            os.close(src)
+            close(src)
             raise storage_error(e, f"cannot create {dest}")
         try:
             sparse_copy(src, fd, src_offset=h.data_offset, length=h.size, progress=progress)
@@ -282,13 +308,24 @@ class ImageStore(CopyStore):
             raise
         finally:
             os.close(fd)
-            os.close(src)
+            close(src)
         return dest
 
 
 def snapshots(home: Path) -> CopyStore:
+    """The snapshots of state directory ``home``: in its store, if that is
+    shared (evscrypt.storecopies), else in the state directory."""
+    volumes = VolumeStore(home)
+    if volumes.images.shared:
+        from .storecopies import StoreCopies
+        return StoreCopies(volumes, SNAPSHOT)
     return CopyStore(home, SNAPSHOT)
 
 
 def images(home: Path) -> ImageStore:
+    """The images of state directory ``home`` (as :func:`snapshots`)."""
+    volumes = VolumeStore(home)
+    if volumes.images.shared:
+        from .storecopies import StoreImages
+        return StoreImages(volumes)
     return ImageStore(home)

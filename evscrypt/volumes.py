@@ -1,4 +1,6 @@
-"""The volume store: named images in the state directory (evscrypt.paths).
+"""The volume store: named volumes in a backing store (evscrypt.store): local
+files in the state directory (evscrypt.paths) or an RBD pool that many hosts
+share, as the state directory records it (evscrypt.store.chosen).
 
 It creates volumes (generating and wrapping the DK), lists and describes them,
 and deletes volumes that are not attached.  It is the one way to open a
@@ -21,22 +23,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, encryption_context
+from .catalog import IMAGE, SNAPSHOT, VOLUME, Catalog, Entry, SharedCatalog, encryption_context
 from .crypto.xts import SectorCipher
 from .errors import (
-    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, NotFound, PermissionDenied,
+    AlreadyExists, Busy, EncryptionRuleError, EvscryptError, InvalidArgument, KeyNotFound, NotFound,
+    PermissionDenied,
 )
 from .format import DEFAULT_DATA_OFFSET, SECTOR_SIZE
-from .fsutil import fsync_dir, write_private
+from .fsutil import write_private
 from .image import header as hdr
 from .image import headerfile
-from .image.backing import is_locked, lock_exclusive, storage_error
+from .image.backing import storage_error, truncate
 from .image.engine import PLAINTEXT, Engine
 from .kms import KMSBackend, open_backend
 from .names import check_name
-from .paths import volume_image, volume_name, volumes_dir
+from .paths import volumes_dir
 from .secret import Secret
-from . import tempentry
+from .store import chosen, open_store
+from .store.base import Image, holder_description
 
 log = logging.getLogger("evscrypt.volumes")
 
@@ -62,22 +66,24 @@ def check_grow(old: int, new: int) -> int:
 
 @dataclass
 class Opened:
-    """An open image: its fd, the header as read and the catalog entry it
-    was checked against."""
+    """An open image, the header as read and the catalog entry it was
+    checked against."""
 
-    path: Path
-    fd: int
+    image: Image
     loaded: hdr.Loaded
     entry: Entry
+
+    @property
+    def fd(self):
+        """The image's I/O handle (evscrypt.image.backing): an fd, or the store's Image."""
+        return self.image.handle
 
     @property
     def header(self) -> hdr.Header:
         return self.loaded.header
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.image.close()
 
 
 @dataclass
@@ -106,40 +112,44 @@ class OpenVolume(Opened):
 
 
 class VolumeStore:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, store: str | None = None):
+        """The volumes of state directory ``home``, in the backing store it
+        records, or ``store`` (a spec: evscrypt.store) if it records none."""
         self.home = Path(home)
-        self.dir = volumes_dir(self.home)
+        self.images = open_store(chosen(self.home, store), volumes_dir(self.home))
         self._backends: dict[str, KMSBackend] = {}
-        self.catalog = Catalog(self.home, scan=self._scan)
+        # a shared store keeps its catalog, so every host sees the same volumes
+        self.catalog = SharedCatalog(self.images.catalog()) if self.images.shared \
+            else Catalog(self.home, scan=self._scan)
 
     def backend(self, name: str) -> KMSBackend:
         if name not in self._backends:
             self._backends[name] = open_backend(name, self.home)
         return self._backends[name]
 
+    def location(self, name: str) -> str:
+        """Where volume ``name``'s image lives: a path, or rbd:POOL/NAME."""
+        return self.images.location(check_name(name))
+
     def path(self, name: str) -> Path:
-        return volume_image(self.home, check_name(name))
+        """The image file of volume ``name`` in a store of local files, for
+        tools and tests that read the file itself."""
+        return Path(self.location(name))
 
     def exists(self, name: str) -> bool:
-        return self.path(name).exists()
+        return self.images.exists(check_name(name))
 
     def names(self) -> list[str]:
         """Volumes with an image, and catalog entries whose image is missing
         (listed, so that a deleted image does not go unnoticed)."""
-        return sorted({name for name, _ in self._images()} | set(self.catalog.names(VOLUME)))
-
-    def _images(self) -> list[tuple[str, Path]]:
-        """(name, path) of each volume image in the volumes directory."""
-        if not self.dir.is_dir():
-            return []
-        return [(name, p) for p in self.dir.iterdir() if (name := volume_name(p.name)) is not None]
+        return sorted(set(self.images.names()) | set(self.catalog.names(VOLUME)))
 
     def _scan(self):
         """Every image already in the state directory, for the catalog's
         first use: (kind, name, header, name bound by its context)."""
         from .snapshots import images, snapshots  # snapshots imports this module
 
-        found = [(VOLUME, name, p) for name, p in self._images()]
+        found = [(VOLUME, name, self.images.path(name)) for name in self.images.names()]
         for kind, copies in ((SNAPSHOT, snapshots(self.home)), (IMAGE, images(self.home))):
             found += [(kind, n, copies.image_path(n)) for n in copies.names()]
         for kind, name, path in found:
@@ -156,65 +166,91 @@ class VolumeStore:
             yield kind, name, h, name if kind == VOLUME else Entry.of_image(h).name
 
     # -- open ------------------------------------------------------------------
-    def _open_fd(self, name: str, write: bool) -> tuple[Path, int]:
-        path = self.path(name)
+    def _open_image(self, name: str, write: bool) -> Image:
         try:
-            return path, os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
-        except FileNotFoundError:
+            return self.images.open(check_name(name), write=write)
+        except NotFound:
             if self.catalog.get(VOLUME, name) is not None:
-                raise NotFound(f"volume {name!r} is in the catalog but its image {path} is missing")
+                raise NotFound(f"volume {name!r} is in the catalog but its image {self.location(name)} is missing")
             raise NotFound(f"volume {name!r} not found")
-        except OSError as e:
-            raise storage_error(e, f"cannot open volume {name!r}")
 
-    def _open_locked(self, name: str) -> tuple[Path, int]:
-        """The image open read-write under its exclusive attach lock (Busy
-        while it is attached); closing the fd releases the lock."""
-        path, fd = self._open_fd(name, True)
+    def _open_locked(self, name: str, break_lock: bool = False) -> Image:
+        """The image open read-write under its exclusive attach lock (Busy,
+        naming the holder, while it is attached here or elsewhere); closing
+        the image releases the lock.  ``break_lock`` first takes the lock
+        away from a holder that is dead (fenced, on a shared store: it can
+        never write again); Busy if it still answers."""
+        img = self._open_image(name, True)
         try:
-            lock_exclusive(fd, name)
+            if break_lock and (holder := self.images.holder(name)) is not None:
+                self.images.break_lock(name, holder)
+            try:
+                img.lock(holder_description())
+            except Busy:
+                holder = self.images.holder(name)
+                raise Busy(f"volume {name!r} is attached: its image is locked by {holder or 'another user'}")
         except BaseException:
-            os.close(fd)
+            img.close()
             raise
-        return path, fd
+        return img
 
     @staticmethod
-    def _load(name: str, path: Path, fd: int) -> hdr.Loaded:
+    def _load(name: str, image: Image) -> hdr.Loaded:
         try:
-            return hdr.load(fd, str(path))
+            return hdr.load(image.handle, image.name)
         except EvscryptError as e:
             raise type(e)(f"volume {name!r}: {e.message}")
         except OSError as e:
             raise storage_error(e, f"cannot read volume {name!r}")
 
-    def _opened(self, name: str, path: Path, fd: int, cls=Opened, **kw) -> Opened:
-        """Read the header and check it against the catalog (closes fd on failure)."""
+    def _opened(self, name: str, image: Image, cls=Opened, **kw) -> Opened:
+        """Read the header and check it against the catalog (closes the image on failure)."""
         try:
-            loaded = self._load(name, path, fd)
+            loaded = self._load(name, image)
             entry = self.catalog.check(VOLUME, name, loaded.header)
         except BaseException:
-            os.close(fd)
+            image.close()
             raise
-        return cls(path, fd, loaded, entry, **kw)
+        return cls(image, loaded, entry, **kw)
 
     def open(self, name: str, write: bool = False) -> Opened:
         """The image and its checked header, without the lock: for reading
         what the header says (info, header-backup, dump-key)."""
-        path, fd = self._open_fd(name, write)
-        return self._opened(name, path, fd)
+        return self._opened(name, self._open_image(name, write))
 
     @contextlib.contextmanager
     def locked(self, name: str) -> Iterator[Opened]:
         """The open image under its exclusive attach lock (Busy while it is
         attached), its header read under the lock and checked, for offline
         copies and header changes."""
-        op = self._opened(name, *self._open_locked(name))
+        op = self._opened(name, self._open_locked(name))
         try:
             yield op
         finally:
             op.close()
 
-    def open_volume(self, name: str, uid: int = 0, *, repair: bool = False) -> OpenVolume:
+    @contextlib.contextmanager
+    def frozen(self, name: str) -> Iterator[tuple[Opened, str]]:
+        """Volume ``name`` at one point in time, read-only, attached on any
+        host or not: a snapshot of the store (crash-consistent; on RBD the
+        holder of the lock takes it), its header read and checked; and the
+        snapshot's name.  Only for a shared store, whose snapshots are
+        consistent while others write; the snapshot goes at the end."""
+        snap = f"evscrypt-{uuidlib.uuid4().hex[:12]}"
+        try:
+            self.images.snapshot(check_name(name), snap)
+        except NotFound:
+            raise NotFound(f"volume {name!r} not found") from None
+        try:
+            op = self._opened(name, self.images.open(name, snapshot=snap))
+            try:
+                yield op, snap
+            finally:
+                op.close()
+        finally:
+            self.images.delete_snapshot(name, snap)
+
+    def open_volume(self, name: str, uid: int = 0, *, repair: bool = False, break_lock: bool = False) -> OpenVolume:
         """Open volume ``name`` for I/O by user ``uid``; the one way to do it.
 
         Open the image, take its lock (Busy if attached), read the header
@@ -222,15 +258,17 @@ class VolumeStore:
         use the volume and its CMK, unwrap the DK with the catalog's context
         and key and verify the header MAC, build the cipher.  The caller
         closes the result (which wipes the keys and releases the lock).
-        ``repair`` rewrites a damaged header copy."""
-        op = self._opened(name, *self._open_locked(name), OpenVolume)
+        ``repair`` rewrites a damaged header copy; ``break_lock`` takes the
+        lock of a dead holder (see :meth:`_open_locked`)."""
+        op = self._opened(name, self._open_locked(name, break_lock), OpenVolume)
         try:
-            op.owner = os.fstat(op.fd).st_uid
+            op.owner = op.image.owner()
             if uid != 0 and uid != op.owner:
                 raise PermissionDenied(f"volume {name!r} belongs to another user")
             if op.entry.encrypted:
                 # a user may use only CMKs they own or were granted
-                self.backend(op.entry.kms).check_access(op.entry.key_id, uid)
+                with self._this_hosts_key(op.entry):
+                    self.backend(op.entry.kms).check_access(op.entry.key_id, uid)
                 with self.unwrap(op.entry, op.header) as dk:
                     op.cipher = SectorCipher(dk)
                     op.mac_key = hdr.mac_key(dk)
@@ -243,13 +281,28 @@ class VolumeStore:
             raise
         return op
 
+    @contextlib.contextmanager
+    def _this_hosts_key(self, entry: Entry):
+        """A local soft-HSM's CMKs live in the state directory of the host
+        that made them: in a store that many hosts share, a CMK this host
+        does not have is most likely another host's, and no retry helps."""
+        try:
+            yield
+        except KeyNotFound:
+            if self.images.shared and entry.kms == "local":
+                raise KeyNotFound(f"volume {entry.name!r} is encrypted with a CMK of another host's local "
+                                  f"soft-HSM: only the host that created it can unwrap its key; use --kms aws "
+                                  f"for volumes in a store that many hosts share") from None
+            raise
+
     def unwrap(self, entry: Entry, header: hdr.Header) -> Secret:
         """The DK in ``header``, unwrapped by the KMS and CMK the catalog
         ``entry`` names, under the encryption context built from the entry,
         then checked against the header MAC."""
         if not entry.encrypted:
             raise InvalidArgument(f"volume {entry.name!r} is not encrypted")
-        dk = self.backend(entry.kms).decrypt(header.wrapped_dk, entry.context(), entry.key_id)
+        with self._this_hosts_key(entry):
+            dk = self.backend(entry.kms).decrypt(header.wrapped_dk, entry.context(), entry.key_id)
         try:
             hdr.verify(header, dk)
         except BaseException:
@@ -281,33 +334,24 @@ class VolumeStore:
         catalog, not the image, says which header may go in, so this works
         when both copies in the image are destroyed and still never accepts
         another volume's header."""
-        _, fd = self._open_locked(name)
-        try:
-            return headerfile.restore(fd, src, self.catalog.require(VOLUME, name), f"volume {name!r}")
-        finally:
-            os.close(fd)
+        with self._open_locked(name) as img:
+            return headerfile.restore(img.handle, src, self.catalog.require(VOLUME, name), f"volume {name!r}")
 
     def adoption(self, name: str) -> tuple[Entry, Entry | None]:
         """What adopting volume ``name`` would record (read from its image,
         not checked against anything), and its current entry, if any."""
-        path, fd = self._open_fd(name, False)
-        try:
-            h = self._load(name, path, fd).header
-        finally:
-            os.close(fd)
+        with self._open_image(name, False) as img:
+            h = self._load(name, img).header
         return Entry.of(h, name), self.catalog.get(VOLUME, name)
 
     def adopt(self, name: str, expected: Entry) -> Entry:
         """Record volume ``name``'s image in the catalog as it is now, if it
         still says ``expected`` (what the user was shown), under its lock."""
-        path, fd = self._open_locked(name)
-        try:
-            entry = Entry.of(self._load(name, path, fd).header, name)
+        with self._open_locked(name) as img:
+            entry = Entry.of(self._load(name, img).header, name)
             if entry != expected:
                 raise Busy(f"volume {name!r} changed while it was being adopted; nothing was recorded")
             self.catalog.put(VOLUME, name, entry)
-        finally:
-            os.close(fd)
         return entry
 
     # -- create ----------------------------------------------------------------
@@ -329,13 +373,14 @@ class VolumeStore:
             fd, vol_uuid, name, size, encrypted=encrypted, kms=kms, key=key, preallocate=preallocate,
             origin=origin, progress=progress, fill=fill))
 
-    def initialise(self, fd: int, vol_uuid: str, name: str, size: int, *, encrypted: bool, kms: str = "local",
+    def initialise(self, fd, vol_uuid: str, name: str, size: int, *, encrypted: bool, kms: str = "local",
                    key: str | None = None, preallocate: bool = False, origin: dict | None = None,
                    progress: Callable[[int], None] | None = None,
                    fill: Callable[[Engine], None] | None = None) -> hdr.Header:
         """Write a new image into the empty file ``fd``: its header (for an
         encrypted one, a new DK wrapped by the CMK under the context of
-        ``vol_uuid`` and ``name``), then its contents.  Volumes are made by
+        ``vol_uuid`` and ``name``), then its contents.  ``fd`` is an image
+        handle (evscrypt.image.backing).  Volumes are made by
         :meth:`create`; `image copy` makes encrypted images with it."""
         check_size(size)
         h = hdr.Header(uuid=vol_uuid, name=name, size=size, encrypted=encrypted,
@@ -351,7 +396,7 @@ class VolumeStore:
                                                                 h.encryption_context)
                 h.kms_backend, h.key_id, h.wrapped_dk = kms, key_id, wrapped
                 hdr.seal(h, dk)
-            os.ftruncate(fd, h.data_offset + size)
+            truncate(fd, h.data_offset + size)
             hdr.store(fd, h)
             if preallocate or fill:
                 cipher = SectorCipher(dk) if dk else None
@@ -370,12 +415,15 @@ class VolumeStore:
         return h
 
     def create_copy(self, name: str, write_image: Callable[[int], None], source: Entry, *, origin: dict,
-                    size: int | None = None, owner: int | None = None) -> hdr.Header:
+                    size: int | None = None, owner: int | None = None,
+                    start: tuple[str, str] | None = None) -> hdr.Header:
         """Create a volume whose image starts as a byte copy of another one (a
         snapshot, an image, a backup): same encryption, same DK, same CMK.
 
         ``write_image(fd)`` writes the source image (header and data area)
-        into the new, empty file.  Its header, as copied, is checked against
+        into the new, empty image; with ``start`` (a store image and one of
+        its snapshots), the new image is a copy-on-write clone of that
+        snapshot (BackingStore.build) and ``write_image`` has nothing to write.  Its header, as copied, is checked against
         ``source`` (the source's catalog entry) and then bound to the new
         volume: a new UUID and name, hence a new encryption context, under
         which the CMK re-wraps the source DK (unwrapped and checked against
@@ -407,48 +455,32 @@ class VolumeStore:
                     cipher.close()
             return h
 
-        return self._build(name, vol_uuid, owner, build)
+        return self._build(name, vol_uuid, owner, build, start)
 
-    def _build(self, name: str, vol_uuid: str, owner: int | None, build: Callable[[int], hdr.Header]) -> hdr.Header:
-        """Run ``build(fd)`` on a new temporary image, then link it into place
-        and record it in the catalog.
+    def _build(self, name: str, vol_uuid: str, owner: int | None, build: Callable[[object], hdr.Header],
+               start: tuple[str, str] | None = None) -> hdr.Header:
+        """Run ``build(handle)`` on a new temporary image, then put it in
+        place and record it in the catalog (BackingStore.build).
 
         Anything that stops the build (an error, Ctrl-C, SIGTERM turned into
-        KeyboardInterrupt by the CLI) removes the temporary file; a kill -9
-        leaves it, unlocked, for :func:`evscrypt.tempentry.collect`."""
-        check_name(name)
-        final = self.path(name)
-        if final.exists():
+        KeyboardInterrupt by the CLI) removes the temporary image; a kill -9
+        leaves it, hidden (locally, unlocked, for
+        :func:`evscrypt.tempentry.collect`)."""
+        if self.images.exists(check_name(name)):
             raise AlreadyExists(f"volume {name!r} already exists")
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            tmp, fd = tempentry.create(final)  # locked until fd is closed, after the link or the unlink
-        except OSError as e:
-            raise storage_error(e, f"cannot create volume {name!r}")
-        try:
+
+        def fill(img: Image) -> hdr.Header:
             if owner is not None and owner != os.geteuid():
-                os.fchown(fd, owner, -1)
-            h = build(fd)
-            os.fsync(fd)
-            with self.catalog.adding(VOLUME, name, Entry.of(h, name)):
-                try:
-                    os.link(tmp, final)  # unlike rename, refuses to replace a racing create
-                except FileExistsError:
-                    raise AlreadyExists(f"volume {name!r} already exists")
-            # the image is in place: its flock would now read as "attached"
-            tempentry.release(fd)
-            with contextlib.suppress(FileNotFoundError):  # a collector may take the spare name first
-                os.unlink(tmp)
-            fsync_dir(self.dir)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise storage_error(e, f"cannot create volume {name!r}")
-            raise
-        finally:
-            os.close(fd)
-        return h
+                img.set_owner(owner)
+            return build(img.handle)
+
+        try:
+            return self.images.build(name, fill, lambda h: self.catalog.adding(VOLUME, name, Entry.of(h, name)),
+                                     start)
+        except AlreadyExists:
+            raise AlreadyExists(f"volume {name!r} already exists") from None
+        except OSError as e:
+            raise storage_error(e, f"cannot create volume {name!r}") from None
 
     # -- inspect -------------------------------------------------------------
     def header(self, name: str) -> hdr.Header:
@@ -460,7 +492,7 @@ class VolumeStore:
         op = self.open(name)
         try:
             h = op.header
-            st = os.fstat(op.fd)
+            allocated = op.image.allocated()
         finally:
             op.close()
         d = {
@@ -475,12 +507,12 @@ class VolumeStore:
             "key_id": h.key_id,
             "key_alias": None,
             "key_state": None,
-            "image_path": str(op.path),
-            "allocated": st.st_blocks * 512,
+            "image_path": self.location(name),
+            "allocated": allocated,
             "created": h.created,
             "origin": h.origin,
             "features": h.features,
-            "attached": is_locked(op.path),
+            "attached": self.images.holder(name) is not None,
             "header_copies_valid": list(op.loaded.valid),
         }
         if h.encrypted:
@@ -517,26 +549,23 @@ class VolumeStore:
         """Delete a detached volume; a damaged header does not prevent it,
         nor does a missing image (its catalog entry goes)."""
         try:
-            path, fd = self._open_locked(name)
+            self.images.delete(check_name(name))  # under the image's lock
         except NotFound:  # no image
             if self.catalog.get(VOLUME, name) is None:
-                raise
-            self.catalog.remove(VOLUME, name)
-            return
-        try:
-            os.unlink(path)
-            fsync_dir(self.dir)
-        finally:
-            os.close(fd)
+                raise NotFound(f"volume {name!r} not found") from None
+        except Busy:
+            raise Busy(f"volume {name!r} is attached: its image is locked by "
+                       f"{self.images.holder(name) or 'another user'}") from None
         self.catalog.remove(VOLUME, name)
 
-    def dump_key(self, name: str, key_file: Path) -> Path:
-        """Write the raw 64-byte DK to ``key_file`` (0600).  Goes through the KMS."""
+    def dump_key(self, name: str, key_file: Path) -> str:
+        """Write the raw 64-byte DK to ``key_file`` (0600); return where the
+        image lives.  Goes through the KMS."""
         if not self.header(name).encrypted:
             raise EncryptionRuleError(f"volume {name!r} is not encrypted: it has no data key to dump")
         with self.data_key(name) as dk:
             write_private(key_file, dk.view())
-        return self.path(name)
+        return self.location(name)
 
     @contextlib.contextmanager
     def engine(self, name: str, write: bool = False) -> Iterator[tuple[Engine, hdr.Header]]:
@@ -565,7 +594,7 @@ def fill_zeros(eng: Engine, start: int, end: int, progress: Callable[[int], None
             progress(n)
 
 
-def extend_image(fd: int, new: hdr.Header, old_size: int, cipher, prev: hdr.Loaded | None = None) -> hdr.Loaded:
+def extend_image(fd, new: hdr.Header, old_size: int, cipher, prev: hdr.Loaded | None = None) -> hdr.Loaded:
     """Make the image open on ``fd`` hold ``new.size`` bytes of data, then
     store the header ``new`` (sealed already) over ``prev``: the file first,
     so a crash in between leaves the old size, and a longer file under it is
@@ -573,7 +602,7 @@ def extend_image(fd: int, new: hdr.Header, old_size: int, cipher, prev: hdr.Load
     zeros over its grown part, through ``cipher`` (PLAINTEXT for an
     unencrypted volume; None leaves that part a hole, which reads as zeros).
     Growing a volume and creating a larger one from a copy share it."""
-    os.ftruncate(fd, new.data_offset + new.size)
+    truncate(fd, new.data_offset + new.size)
     if cipher is not None and not new.zero_unwritten and new.size > old_size:
         fill_zeros(Engine(fd, new.size, new.data_offset, cipher, zero_unwritten=False), old_size, new.size)
     return hdr.store(fd, new, prev)

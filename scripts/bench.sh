@@ -5,8 +5,9 @@
 # busy disks at once.
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
-# see bench/bench_fio.py for the other BENCH_* variables.  `make bench-rbd` runs only
-# the install steps (BENCH_ONLY_INSTALL=1): qemu-block-extra is qemu's rbd driver.
+# see bench/bench_fio.py for the other BENCH_* variables.  Then bench/bench_rbd.py:
+# the RBD peers and evscrypt on an RBD pool.  `make bench-rbd` runs only the install
+# steps (BENCH_ONLY_INSTALL=1), then bench_rbd.py: qemu-block-extra is qemu's rbd driver.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,4 +41,8 @@ fi
 "$VENV/bin/python" bench/bench_fio.py "$@"
 # many busy disks at once (1, 4, 8 volumes), beside qemu-storage-daemon LUKS
 # with as many exports and plain files; BENCH_MULTI=0 skips it
-[[ ${BENCH_MULTI:-1} == 0 ]] || exec "$VENV/bin/python" bench/bench_multi.py
+[[ ${BENCH_MULTI:-1} == 0 ]] || "$VENV/bin/python" bench/bench_multi.py
+# The RBD table: qemu-storage-daemon driver=rbd (+ luks) over FUSE, `rbd bench`
+# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster.
+# BENCH_RBD=0 skips it.
+[[ ${BENCH_RBD:-1} == 0 ]] || exec "$VENV/bin/python" bench/bench_rbd.py

@@ -342,6 +342,21 @@ def rand(n: int, seed) -> bytes:
     return random.Random(repr(seed)).randbytes(n)
 
 
+def run_fio(path: Path, args: list[str]) -> dict:
+    """fio on ``path`` (32 MiB, crc32c verify, fatal on a mismatch): its job's JSON."""
+    import json
+
+    cmd = ["fio", "--name=evs", f"--filename={path}", "--size=32M", "--fallocate=none",
+           "--verify=crc32c", "--verify_fatal=1", "--output-format=json", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr}\n{p.stdout[-3000:]}"
+    assert "verify" not in p.stderr.lower(), p.stderr
+    out = json.loads(p.stdout[p.stdout.index("{"):])
+    job = out["jobs"][0]
+    assert job["error"] == 0, job
+    return job
+
+
 def expect_fail(d: Daemon, code: int, *args, match: str | None = None, alone: bool = False) -> str:
     """Run a CLI command that must fail with exit ``code``: one error line on
     stderr (``alone``: and nothing else there), nothing on stdout, no

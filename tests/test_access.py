@@ -184,6 +184,14 @@ def test_only_root_stops_the_daemon(setup, user):
     assert d.alive and d.status()["volumes"] == []
 
 
+def test_only_root_breaks_a_lock(setup, user):
+    """Breaking a lock fences another host: a user may not, even on their own volume."""
+    d, _ = setup
+    out = as_user(user, lambda: d.client().attach("uvol", break_lock=True))
+    assert out == {"error": "PermissionDenied", "message": "only root can attach with --break-lock"}
+    assert d.status()["volumes"] == []
+
+
 def test_default_key_takes_no_grants(setup, user):
     d, _ = setup
     default_id = json.loads(d.cli("key", "describe", "evs/default", "--json").stdout)["key_id"]

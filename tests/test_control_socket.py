@@ -397,9 +397,10 @@ def test_client_requests_on_the_wire(tmp_path):
     calls = [
         (lambda: c.ping(), {"op": "ping", "args": {}}),
         (lambda: c.status(), {"op": "status", "args": {}}),
-        (lambda: c.attach("v"), {"op": "attach", "args": {"name": "v", "mount": None, "mkfs": None}}),
-        (lambda: c.attach("v", mount="/m", mkfs="ext4"),
-         {"op": "attach", "args": {"name": "v", "mount": "/m", "mkfs": "ext4"}}),
+        (lambda: c.attach("v"), {"op": "attach", "args": {"name": "v", "mount": None, "mkfs": None,
+                                                          "break_lock": False}}),
+        (lambda: c.attach("v", mount="/m", mkfs="ext4", break_lock=True),
+         {"op": "attach", "args": {"name": "v", "mount": "/m", "mkfs": "ext4", "break_lock": True}}),
         (lambda: c.detach("v", force=True), {"op": "detach", "args": {"name": "v", "force": True}}),
         (lambda: c.snapshot("v", "/h/s", "u-1"), {"op": "snapshot", "args": {"name": "v", "dest": "/h/s", "uuid": "u-1"}}),
         (lambda: c.resize("v", 1 << 30), {"op": "resize", "args": {"name": "v", "size": 1 << 30}}),

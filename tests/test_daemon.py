@@ -27,7 +27,7 @@ import pytest
 
 from daemon_fixture import (  # noqa: F401  (fixtures are used by name)
     Daemon, both_pyfuse3, daemon, expect_fail, is_mounted, loop_skip_reason, loops_under, make_daemon, mounts_of,
-    needs_fio, pread_all, pwrite_all, rand, read_direct, run_as, volume_status, write_at,
+    needs_fio, pread_all, pwrite_all, rand, read_direct, run_as, run_fio, volume_status, write_at,
 )
 from evscrypt.crypto.xts import SECTOR_SIZE, reference_crypt
 from evscrypt.errors import EvscryptError
@@ -321,18 +321,6 @@ def test_data_path_is_logged_reported_and_decides_discard(daemon, evscrypt_exe):
 # -- fio -------------------------------------------------------------------------
 FIO_PATTERNS = {"rand4k": ["--rw=randwrite", "--bs=4k"], "seq1M": ["--rw=write", "--bs=1M"]}
 FIO_ENGINES = {"libaio": ["--ioengine=libaio", "--iodepth=16", "--direct=1"], "psync": ["--ioengine=psync"]}
-
-
-def run_fio(path: Path, args: list[str]) -> dict:
-    cmd = ["fio", "--name=evs", f"--filename={path}", "--size=32M", "--fallocate=none",
-           "--verify=crc32c", "--verify_fatal=1", "--output-format=json", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr}\n{p.stdout[-3000:]}"
-    assert "verify" not in p.stderr.lower(), p.stderr
-    out = json.loads(p.stdout[p.stdout.index("{"):])
-    job = out["jobs"][0]
-    assert job["error"] == 0, job
-    return job
 
 
 @both_pyfuse3

@@ -18,7 +18,7 @@ import subprocess
 import pytest
 
 from daemon_fixture import Daemon, fuse_skip_reason, needs_fio
-from test_daemon import run_fio
+from daemon_fixture import run_fio
 
 EXIT_UNSUPPORTED = 8
 

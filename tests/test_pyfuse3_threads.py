@@ -232,26 +232,35 @@ DAEMON = inspect.getsource(fuse_attrs) + textwrap.dedent(
                 with self.inflight_lock:
                     self.inflight -= 1
 
+        #: The files whose read_sync and write_sync behave alike (_shared).
+        SHARED = ("future", "future-error", "future-crash", "future-badret", "future-done",
+                  "async", "error", "crash", "badret")
+
+        def _shared(self, kind, name, off, produce):
+            # The behaviours read_sync and write_sync share, by file name: a late
+            # or already-done future, the async path, a FUSE error, a crash and a
+            # wrong return type.
+            if name in ("future", "future-error", "future-crash", "future-badret"):
+                return late(TracedFuture(kind, name, off), produce)
+            if name == "future-done":
+                fut = TracedFuture(kind, name, off)
+                fut.set_result(produce())
+                return fut
+            if name == "error":
+                raise pyfuse3.FUSEError(ERRNOS[f"{kind}_sync"])
+            if name == "crash":
+                raise (RuntimeError if kind == "read" else ValueError)(f"{kind}_sync crash")
+            if name == "badret":
+                return 12345 if kind == "read" else "not a count"
+            return None  # "async": the reply comes later, from the test
+
         def read_sync(self, fh, off, size):
             name = self.fh_name[fh]
             record(op="read_sync", name=name, off=off, size=size)
             if name in ("direct", "slow-open"):
                 return bytes(self.data[name][off:off + size])
-            if name in ("future", "future-error", "future-crash", "future-badret"):
-                return late(TracedFuture("read", name, off),
-                            lambda: self._produce_read(name, off, size))
-            if name == "future-done":
-                fut = TracedFuture("read", name, off)
-                fut.set_result(self._produce_read(name, off, size))
-                return fut
-            if name == "async":
-                return None
-            if name == "error":
-                raise pyfuse3.FUSEError(ERRNOS["read_sync"])
-            if name == "crash":
-                raise RuntimeError("read_sync crash")
-            if name == "badret":
-                return 12345
+            if name in self.SHARED:
+                return self._shared("read", name, off, lambda: self._produce_read(name, off, size))
             if name == "barrier":
                 try:
                     self.barrier.wait()
@@ -282,21 +291,8 @@ DAEMON = inspect.getsource(fuse_attrs) + textwrap.dedent(
             record(op="write_sync", name=name, off=off, len=len(buf))
             if name == "direct":
                 return store(self.data[name], off, buf)
-            if name in ("future", "future-error", "future-crash", "future-badret"):
-                return late(TracedFuture("write", name, off),
-                            lambda: self._produce_write(name, off, buf))
-            if name == "future-done":
-                fut = TracedFuture("write", name, off)
-                fut.set_result(self._produce_write(name, off, buf))
-                return fut
-            if name == "async":
-                return None
-            if name == "error":
-                raise pyfuse3.FUSEError(ERRNOS["write_sync"])
-            if name == "crash":
-                raise ValueError("write_sync crash")
-            if name == "badret":
-                return "not a count"
+            if name in self.SHARED:
+                return self._shared("write", name, off, lambda: self._produce_write(name, off, buf))
             raise pyfuse3.FUSEError(errno.EPERM)
 
         def _answer(self, kind, name, produce):

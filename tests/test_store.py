@@ -179,6 +179,47 @@ def test_aio_round_trip(bstore):
         assert all(r.wait() == pattern(65536, i) for i, r in enumerate(reads))
 
 
+def test_aio_completions_are_called(bstore):
+    """The form the daemon uses: each request calls done(data, error) once
+    it has finished, in whichever thread the store completes it."""
+    import threading
+
+    got, finished = {}, threading.Semaphore(0)
+
+    def done(key):
+        def call(data, error):
+            got[key] = (data, error)
+            finished.release()
+        return call
+
+    with bstore.create("v1", 4 * MiB) as img:
+        for i in range(8):
+            img.aio_write(pattern(4096, i), i * 4096, done(("w", i)))
+        for _ in range(8):
+            finished.acquire()
+        for i in range(8):
+            img.aio_read(i * 4096, 4096, done(("r", i)))
+        for _ in range(8):
+            finished.acquire()
+    assert all(got[("w", i)] == (None, None) for i in range(8))
+    assert all(got[("r", i)] == (pattern(4096, i), None) for i in range(8))
+
+
+def test_a_failed_aio_request_reports_its_error(bstore):
+    """A write the store refuses (read-only here) reaches done() as the
+    evscrypt error, not as an exception in the caller."""
+    import threading
+
+    from evscrypt.errors import StorageError
+
+    bstore.create("v1", MiB).close()
+    out, finished = [], threading.Event()
+    with bstore.open("v1") as img:  # read-only
+        img.aio_write(bytes(4096), 0, lambda data, error: (out.append(error), finished.set()))
+        finished.wait(60)
+    assert len(out) == 1 and isinstance(out[0], StorageError), out
+
+
 def test_discard_reads_zeros(bstore):
     with bstore.create("v1", 4 * MiB) as img:
         img.pwrite(pattern(MiB, 3), MiB)

@@ -72,8 +72,13 @@ def backup_volume(volumes: VolumeStore, name: str, store: BackupStore, online: O
     A detached volume is read in place under its exclusive attach lock.  An
     attached one is first copied by the daemon, with writes quiesced, into a
     temporary file in the state directory; that copy is backed up and removed.
+    In a store that many hosts share, the volume is read from a snapshot of
+    the store instead (VolumeStore.frozen), whichever host has it attached.
     """
     known = store.known_chunks()  # first: a bad DEST fails before any copy is made
+    if volumes.images.shared:
+        with volumes.frozen(name) as (op, _):
+            return write_backup(store, op.fd, op.header, name, progress, known)
 
     def offline() -> Result:
         with volumes.locked(name) as op:

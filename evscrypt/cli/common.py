@@ -55,6 +55,7 @@ class Env:
     home: Path
     debug: bool = False
     runtime: Path = field(default_factory=default_runtime_dir)
+    store_spec: str | None = None  # --store / EVSCRYPT_STORE (evscrypt.store.chosen)
     _store: "VolumeStore | None" = None
 
     @property
@@ -67,7 +68,7 @@ class Env:
         if self._store is None:
             from ..volumes import VolumeStore  # heavy: only commands that need it pay
 
-            self._store = VolumeStore(self.home)
+            self._store = VolumeStore(self.home, self.store_spec)
         return self._store
 
 

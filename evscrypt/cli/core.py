@@ -26,9 +26,9 @@ def _client(runtime):
     return Client(socket_name(os.fspath(runtime)))
 
 
-def attach(runtime, name: str, mount: str | None = None, mkfs: str | None = None) -> None:
+def attach(runtime, name: str, mount: str | None = None, mkfs: str | None = None, break_lock: bool = False) -> None:
     """`evscrypt attach`: the disk path on stdout; where it was mounted, if it was, on stderr."""
-    r = _client(runtime).attach(name, mount=mount, mkfs=mkfs)
+    r = _client(runtime).attach(name, mount=mount, mkfs=mkfs, break_lock=break_lock)
     print(r["path"], flush=True)
     if r.get("mount"):
         m = r["mount"]

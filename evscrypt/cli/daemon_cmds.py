@@ -24,7 +24,8 @@ def daemon(env: Env, mountpoint, socket_group, allow_swappable_keys):
     """Run the daemon in the foreground (systemd Type=notify)."""
     from ..daemon.main import run
 
-    raise SystemExit(run(env.home, env.runtime, mountpoint, socket_group, env.debug, allow_swappable_keys))
+    raise SystemExit(run(env.home, env.runtime, mountpoint, socket_group, env.debug, allow_swappable_keys,
+                         env.store_spec))
 
 
 @click.command()
@@ -33,12 +34,15 @@ def daemon(env: Env, mountpoint, socket_group, allow_swappable_keys):
               help="Also set up a loop device and mount its filesystem here.")
 @click.option("--mkfs", type=click.Choice(["ext4", "xfs"]), default=None,
               help="With --mount: create this filesystem if the disk is blank.")
+@click.option("--break-lock", is_flag=True,
+              help="Root only: take the lock of a crashed host that still holds the volume (it is fenced first); "
+                   "refused while the holder answers.")
 @pass_env
-def attach(env: Env, name, mount_dir, mkfs):
+def attach(env: Env, name, mount_dir, mkfs, break_lock):
     """Attach volume NAME: unwrap its key and expose it as a disk file."""
     if mkfs and not mount_dir:
         raise click.UsageError("--mkfs needs --mount")
-    core.attach(env.runtime, name, str(mount_dir.absolute()) if mount_dir else None, mkfs)
+    core.attach(env.runtime, name, str(mount_dir.absolute()) if mount_dir else None, mkfs, break_lock)
 
 
 @click.command()

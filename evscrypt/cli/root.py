@@ -54,13 +54,17 @@ class LazyGroup(click.Group):
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="State directory (default: $EVSCRYPT_HOME, /var/lib/evscrypt for root, "
                    "~/.local/share/evscrypt otherwise).")
+@click.option("--store", "store_spec", envvar="EVSCRYPT_STORE", default=None, metavar="SPEC",
+              help="Where the state directory keeps its volumes: rbd://POOL[/NAMESPACE] (a Ceph RBD pool "
+                   "many hosts share) or local (files in the state directory, the default).  Recorded in "
+                   "the state directory by its first use; $EVSCRYPT_STORE.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _version(c, v),
               help="Show the version, the FUSE data path and the XTS backend, and exit.")
 @click.pass_context
-def cli(ctx: click.Context, home, debug):
+def cli(ctx: click.Context, home, debug, store_spec):
     """evscrypt: encrypted block volumes with cloud-style key management."""
-    ctx.obj = Env(home=home or default_home(), debug=debug)
+    ctx.obj = Env(home=home or default_home(), debug=debug, store_spec=store_spec)
 
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from .. import clone
 from ..backup import open_store, parse_source, reader
+from ..errors import NotFound
 from ..kms import BACKENDS
 from ..offline import offline_or_daemon
 from ..snapshots import images, snapshots
@@ -90,8 +90,8 @@ def _create_from(env: Env, name: str, size, want, from_snapshot, from_image, fro
     copies, source = (snapshots(env.home), from_snapshot) if from_snapshot is not None else \
         (images(env.home), from_image)
     try:
-        length = os.stat(copies.image_path(source)).st_size
-    except OSError:
+        length = copies.image_size(source)
+    except NotFound:
         length = 0  # clone.from_copy reports the missing source
     with progress_bar(length, f"copying {copies.kind} {source}") as bar:
         h = clone.from_copy(env.store, copies, name, source, want, size=size, owner=owner,
@@ -199,6 +199,10 @@ def dump_key(env: Env, name, key_file):
     h = env.store.header(name)
     image = env.store.dump_key(name, key_file)
     warn(f"{key_file} holds the plaintext data key of {name}: anyone who reads it can read the volume")
+    if env.store.images.shared:  # cryptsetup opens a file: `rbd export` makes one, byte for byte
+        warn(f"the image is in an RBD pool: run 'rbd export {image.split(':', 1)[1]} {name}.img' "
+             f"and open that file")
+        image = f"{name}.img"
     click.echo(cryptsetup_command(image, key_file, h))
 
 

@@ -27,6 +27,7 @@ import errno
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import trio
@@ -151,8 +152,9 @@ class Attachment:
         in flight (see :meth:`finish_write`)."""
         self._begin()
         try:
-            data = self.engine.read(off, min(size, self.size - off), self.inflight == 1) \
-                if 0 <= off < self.size and size > 0 else b""
+            end = self.vol.header.size
+            data = self.engine.read(off, min(size, end - off), self.inflight == 1) \
+                if 0 <= off < end and size > 0 else b""
         except BaseException as e:
             self._end_failed(e)
             raise
@@ -174,7 +176,9 @@ class Attachment:
         Follow with :meth:`finish_write`."""
         self._begin()
         try:
-            buf = self._cut(off, buf)
+            size = self.vol.header.size
+            if off + len(buf) > size or off >= size:
+                buf = self._cut(off, buf)
             if self.gate.try_enter():
                 return buf
         except BaseException:
@@ -203,6 +207,67 @@ class Attachment:
                 self.counters.writes += 1
                 self.counters.bytes_written += n
         return n
+
+    # -- in the background, on a store image (Engine.aio) --------------------------
+    def __post_init__(self) -> None:
+        self.aio = self.engine.aio  # asked on every request: a plain attribute
+
+    def read_later(self, off: int, size: int, error):
+        """:meth:`read` in the background: a Future of the data that the
+        store's completion thread resolves, or the data itself for a read
+        past the end.  A failure's Future holds ``error(e)`` (the FUSE
+        layer's errno for ``e``)."""
+        if not 0 <= off < self.size or size <= 0:
+            return self.read(off, size)
+        fut = Future()
+        self._begin()
+
+        def done(data, e) -> None:
+            if e is None:
+                with self.lock:  # _end(reads=1, bytes_read=...), inlined: the 4 KiB path
+                    self.inflight -= 1
+                    self.counters.reads += 1
+                    self.counters.bytes_read += len(data)
+                fut.set_result(data)
+            else:
+                self._end_failed(e)
+                fut.set_exception(error(e))
+
+        try:
+            self.engine.read_aio(off, min(size, self.size - off), done)
+        except BaseException as e:
+            self._end_failed(e)
+            raise
+        return fut
+
+    def write_later(self, off: int, buf, error):
+        """:meth:`finish_write` in the background, after :meth:`enter_write`:
+        a Future of the count, resolved (and the gate left, the request
+        counted out) by the store's completion thread; ``error`` as for
+        :meth:`read_later`.  None, with nothing done, for a write that needs a
+        read-modify-write: :meth:`finish_write` it."""
+        fut = Future()
+
+        def done(n, e) -> None:
+            self.gate.leave()
+            if e is None:
+                with self.lock:  # _end(writes=1, bytes_written=n), inlined: the 4 KiB path
+                    self.inflight -= 1
+                    self.counters.writes += 1
+                    self.counters.bytes_written += n
+                fut.set_result(n)
+            else:
+                self._end_failed(e)
+                fut.set_exception(error(e))
+
+        try:
+            if not self.engine.write_aio(off, buf, done):
+                return None
+        except BaseException as e:
+            self.gate.leave()
+            self._end_failed(e)
+            raise
+        return fut
 
     def enter_fsync(self) -> bool:
         """Count an fsync in and pass the gate without waiting; False if a

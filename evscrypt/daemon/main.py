@@ -147,7 +147,7 @@ def one_malloc_arena() -> None:
 
 
 def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group: str | None = None,
-        debug: bool = False, allow_swappable_keys: bool = False) -> int:
+        debug: bool = False, allow_swappable_keys: bool = False, store: str | None = None) -> int:
     setup_logging(debug)
     set_nondumpable()
     one_malloc_arena()
@@ -168,7 +168,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     pools = Pools.sized()
-    manager = VolumeManager(VolumeStore(home), mountpoint, FuseKernel(), pools)
+    manager = VolumeManager(VolumeStore(home, store), mountpoint, FuseKernel(), pools)
     no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
     manager.c_path = no_c is None
     threads = fuse_threads(manager.c_path)

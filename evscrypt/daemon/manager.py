@@ -31,7 +31,7 @@ import trio
 
 from ..errors import Busy, EvscryptError, KeyStateError, NotFound, PermissionDenied, StorageError
 from ..image import header as hdr
-from ..image.backing import storage_error
+from ..image.backing import storage_error, sync
 from ..image.copy import sparse_copy
 from ..kms.base import KeyState
 from ..names import check_name
@@ -84,16 +84,20 @@ class VolumeManager:
             raise PermissionDenied(f"volume {name!r} belongs to another user")
 
     # -- attach ----------------------------------------------------------------
-    def _open(self, name: str, uid: int) -> Attachment:
-        """Open the volume (in a worker thread: KMS calls block)."""
-        vol = self.store.open_volume(name, uid, repair=True)
+    def _open(self, name: str, uid: int, break_lock: bool = False) -> Attachment:
+        """Open the volume (in a worker thread: KMS and store calls block)."""
+        vol = self.store.open_volume(name, uid, repair=True, break_lock=break_lock)
         return Attachment(name=name, vol=vol, engine=vol.engine(), owner=uid if uid != 0 else vol.owner, inode=0,
                           key_state=KeyState.ENABLED.value if vol.entry.encrypted else None)
 
-    async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None) -> dict:
+    async def attach(self, name: str, uid: int, mount: str | None = None, mkfs: str | None = None,
+                     break_lock: bool = False) -> dict:
         check_name(name)
         if self.stopping:
             raise Busy("the daemon is stopping; attach after it has started again")
+        if break_lock and uid != 0:
+            # it fences another host: that is the administrator's call
+            raise PermissionDenied("only root can attach with --break-lock")
         if mount and uid != 0:
             # the daemon mounts as root: a user must not pick where
             raise PermissionDenied("only root can attach with --mount; use the disk file, or ask root")
@@ -101,7 +105,8 @@ class VolumeManager:
             a = self.by_name.get(name)
             fresh = a is None
             if fresh:
-                a = await trio.to_thread.run_sync(self._open, name, uid, limiter=self.pools.slow_limiter)
+                a = await trio.to_thread.run_sync(self._open, name, uid, break_lock,
+                                                  limiter=self.pools.slow_limiter)
                 if self.stopping:  # a stop began while the KMS answered: its sweep has not seen this one
                     a.close()
                     raise Busy("the daemon is stopping; attach after it has started again")
@@ -212,10 +217,12 @@ class VolumeManager:
             await trio.sleep(0.005)
         await trio.to_thread.run_sync(self.kernel.drop_data, a.inode)
         try:
-            if a.fd >= 0 and not a.failed:
-                await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.pools.io_limiter)
+            if not (a.vol.image.closed or a.failed):
+                await trio.to_thread.run_sync(sync, a.fd, limiter=self.pools.io_limiter)
         except OSError as e:
             log.error("volume %s: fsync at detach failed: %s", a.name, e.strerror)
+        except StorageError as e:  # a store's flush
+            log.error("volume %s: flush at detach failed: %s", a.name, e.message)
         finally:
             a.close()
         log.info("detached %s; key wiped", a.name)
@@ -318,7 +325,7 @@ class VolumeManager:
                 async with a.gate.quiesce():
                     # the kernel has handed every completed write to us and we
                     # have written it: fsync makes the copy point durable too
-                    await trio.to_thread.run_sync(os.fsync, a.fd, limiter=self.pools.io_limiter)
+                    await trio.to_thread.run_sync(sync, a.fd, limiter=self.pools.io_limiter)
                     method = await trio.to_thread.run_sync(self._copy_image, a, fd, limiter=self.pools.io_limiter)
                 held = time.monotonic() - t0
             except OSError as e:

@@ -1,8 +1,15 @@
-"""System calls on the backing image file: exact I/O, holes, locks.
+"""I/O on a backing image: exact reads and writes, holes, durability, locks.
+
+An image is reached through a *handle*: a file descriptor for a local image
+file (the fast path: system calls, no method lookups), or an open
+:class:`evscrypt.store.base.Image` of a store that has no file descriptor (an
+RBD image through librbd).  Every function here takes either, so the header
+code and the engine do not know which store holds the image.
 
 This is the one place that turns OSError from the backing file into the
 evscrypt error tree, so the FUSE layer sees NoSpace or StorageError and maps
-them to errno in its own single place.
+them to errno in its own single place (a store Image converts its own
+vendor errors).
 """
 
 from __future__ import annotations
@@ -44,8 +51,11 @@ def read_buffer(n: int) -> bytearray:
     return _new_bytearray(None, n) if n >= UNFILLED_MIN else bytearray(n)
 
 
-def pread_into(fd: int, buf, offset: int) -> None:
+def pread_into(fd, buf, offset: int) -> None:
     """Fill ``buf`` from ``offset``; bytes past the end of the file read as zero."""
+    if type(fd) is not int:
+        fd.pread_into(buf, offset)
+        return
     n = os.preadv(fd, [buf], offset)
     if n == len(buf):
         return  # the usual case: one call filled it
@@ -71,8 +81,11 @@ def pread_into(fd: int, buf, offset: int) -> None:
 WRITE_CHUNK = 128 * 1024
 
 
-def pwrite_all(fd: int, data, offset: int) -> None:
+def pwrite_all(fd, data, offset: int) -> None:
     """Write all of ``data`` at ``offset``, in pieces of at most WRITE_CHUNK."""
+    if type(fd) is not int:
+        fd.pwrite(data, offset)
+        return
     if len(data) <= WRITE_CHUNK:
         n = os.pwrite(fd, data, offset)
         if n == len(data):
@@ -87,9 +100,12 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
+def punch_hole(fd, offset: int, length: int) -> None:
     """Deallocate a range, keeping the file size; it then reads as zeros."""
     if length <= 0:
+        return
+    if type(fd) is not int:
+        fd.discard(offset, length)
         return
     if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
@@ -97,6 +113,42 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
             pwrite_all(fd, bytes(length), offset)  # a filesystem without holes
             return
         raise OSError(err, os.strerror(err))
+
+
+def pread(fd, length: int, offset: int) -> bytes:
+    """``length`` bytes from ``offset`` (zeros past the end)."""
+    buf = bytearray(length)
+    pread_into(fd, buf, offset)
+    return bytes(buf)
+
+
+def size_of(fd) -> int:
+    """The image's length in bytes."""
+    return fd.size() if type(fd) is not int else os.fstat(fd).st_size
+
+
+def close(fd) -> None:
+    """Close a handle that was opened for one use."""
+    if type(fd) is not int:
+        fd.close()
+    else:
+        os.close(fd)
+
+
+def sync(fd, datasync: bool = False) -> None:
+    """Make every completed write durable: fsync (fdatasync), or the store's flush."""
+    if type(fd) is not int:
+        fd.flush()
+    else:
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+
+def truncate(fd, size: int) -> None:
+    """Set the image's length; new bytes read as zeros."""
+    if type(fd) is not int:
+        fd.resize(size)
+    else:
+        os.ftruncate(fd, size)
 
 
 def lock_exclusive(fd: int, name: str) -> None:

@@ -7,7 +7,9 @@ blocks and costs nothing.  Elsewhere (ext4) the data extents are found with
 ``SEEK_DATA``/``SEEK_HOLE`` and each one is copied with ``copy_file_range``,
 which stays inside the kernel; the holes between them are never touched, so
 a 10 GiB volume with 100 MiB written copies 100 MiB.  Plain read/write is the
-last resort (another filesystem, an old kernel).
+last resort (another filesystem, an old kernel), and the way to or from an
+image of a store without file descriptors (an RBD image: its handle, see
+evscrypt.image.backing, lists its data extents from the object map).
 
 The copy runs in steps of at most COPY_STEP bytes and calls ``progress``
 after each step; a ``progress`` that raises aborts the copy (the daemon uses
@@ -23,6 +25,7 @@ import struct
 from typing import Callable, Iterator
 
 from ..format import nonzero_runs
+from .backing import pread_into, pwrite_all, size_of, truncate
 
 #: One copy_file_range call (and one progress tick) at most: large enough to
 #: keep the syscall count low, small enough that Ctrl-C is seen quickly.
@@ -40,12 +43,15 @@ _UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno
 Progress = Callable[[int], None]
 
 
-def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def data_extents(fd, start: int, end: int) -> Iterator[tuple[int, int]]:
     """(offset, length) of each data region of ``fd`` within [start, end).
 
     Filesystems without SEEK_DATA report the whole file as data, which is
     still correct, only slower.
     """
+    if type(fd) is not int:
+        yield from fd.data_extents(start, end)
+        return
     off = start
     while off < end:
         try:
@@ -61,7 +67,7 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         off = hole
 
 
-def has_data(fd: int, start: int, length: int) -> bool:
+def has_data(fd, start: int, length: int) -> bool:
     return next(data_extents(fd, start, start + length), None) is not None
 
 
@@ -90,38 +96,38 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int, use
             if n == 0:  # source shorter than expected: the rest reads as zeros
                 return
         else:
-            buf = os.pread(src, min(length, RW_STEP), src_off)
-            if not buf:
-                return
-            n = 0
-            mv = memoryview(buf)
-            while n < len(buf):
-                n += os.pwrite(dst, mv[n:], dst_off + n)
+            buf = bytearray(min(length, RW_STEP))
+            pread_into(src, buf, src_off)  # past the end: zeros
+            pwrite_all(dst, buf, dst_off)
+            n = len(buf)
         src_off += n
         dst_off += n
         length -= n
 
 
-def sparse_copy(src: int, dst: int, *, src_offset: int = 0, dst_offset: int = 0, length: int | None = None,
+def sparse_copy(src, dst, *, src_offset: int = 0, dst_offset: int = 0, length: int | None = None,
                 progress: Progress | None = None, reflink: bool = True) -> str:
     """Copy ``length`` bytes (default: to the end of ``src``) keeping holes.
 
     ``dst`` is extended to ``dst_offset + length``; the range in ``dst`` must
-    read as zeros beforehand (a new file).  Returns the method that was used:
+    read as zeros beforehand (a new file).  Either may be a store image's
+    handle (evscrypt.image.backing).  Returns the method that was used:
     ``reflink``, ``copy_file_range`` or ``read-write``.
     """
     if length is None:
-        length = os.fstat(src).st_size - src_offset
+        length = size_of(src) - src_offset
     end = src_offset + length
-    if os.fstat(dst).st_size < dst_offset + length:
-        os.ftruncate(dst, dst_offset + length)
+    if size_of(dst) < dst_offset + length:
+        truncate(dst, dst_offset + length)
     if length <= 0:
         return "none"
+    if type(src) is not int or type(dst) is not int:
+        reflink = False
     if reflink and _reflink(src, dst, src_offset, dst_offset, length):
         if progress:
             progress(length)
         return "reflink"
-    use_cfr = [True]
+    use_cfr = [type(src) is int and type(dst) is int]
     done = src_offset  # progress is reported in logical bytes, holes included
     for off, n in data_extents(src, src_offset, end):
         while n > 0:
@@ -137,7 +143,7 @@ def sparse_copy(src: int, dst: int, *, src_offset: int = 0, dst_offset: int = 0,
     return "copy_file_range" if use_cfr[0] else "read-write"
 
 
-def read_chunks(fd: int, start: int, end: int, chunk: int) -> Iterator[tuple[int, bytearray | None]]:
+def read_chunks(fd, start: int, end: int, chunk: int) -> Iterator[tuple[int, bytearray | None]]:
     """(offset, data) of each ``chunk``-sized piece of [start, end); data is
     None for a piece that is entirely a hole, so sparse files read fast."""
     off = start
@@ -147,25 +153,14 @@ def read_chunks(fd: int, start: int, end: int, chunk: int) -> Iterator[tuple[int
             yield off, None
         else:
             buf = bytearray(n)
-            mv = memoryview(buf)
-            got = 0
-            while got < n:
-                k = os.preadv(fd, [mv[got:]], off + got)
-                if k == 0:
-                    break  # past the end of the file: zeros
-                got += k
+            pread_into(fd, buf, off)  # past the end of the file: zeros
             yield off, buf
         off += n
 
 
-def pwrite_sparse(fd: int, offset: int, data, block: int = 4096) -> None:
+def pwrite_sparse(fd, offset: int, data, block: int = 4096) -> None:
     """Write ``data`` at ``offset`` skipping all-zero blocks, so a new file
     keeps holes where the source had them.  Offset and length are block aligned."""
     mv = memoryview(data)
     for i, j in nonzero_runs(mv, block):
-        chunk = mv[i * block:j * block]
-        off = offset + i * block
-        while chunk:
-            n = os.pwrite(fd, chunk, off)
-            chunk = chunk[n:]
-            off += n
+        pwrite_all(fd, mv[i * block:j * block], offset + i * block)

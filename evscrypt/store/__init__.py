@@ -2,9 +2,14 @@
 
 ``open_store(spec, root)`` picks one from a store spec: ``rbd://POOL`` or
 ``rbd://POOL/NAMESPACE`` for Ceph RBD (the cluster from CEPH_CONF, the client
-from EVSCRYPT_RBD_CLIENT, default ``admin``), anything else (None) for the
+from EVSCRYPT_RBD_CLIENT, default ``admin``), ``local`` or None for the
 local files under ``root``.  The rbd module is imported only for an rbd
 spec, so hosts without python3-rados run the local store as before.
+
+``chosen(home, requested)`` keeps the choice per state directory: the first
+command that names a store (``--store`` or EVSCRYPT_STORE) records it in
+``HOME/store``; later commands use the recorded one, and one that asks for
+another is refused, so one state directory never mixes two stores.
 """
 
 from __future__ import annotations
@@ -12,10 +17,50 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, StorageError
+from ..fsutil import write_atomic
+from ..paths import CATALOG_FILE, STORE_FILE
 from .base import BackingStore
 
 RBD_SCHEME = "rbd://"
+LOCAL = "local"
+
+
+def chosen(home: Path, requested: str | None) -> str:
+    """The store of state directory ``home``: the recorded one, or
+    ``requested`` (recorded now); InvalidArgument if they differ."""
+    requested = (requested or "").strip() or None
+    if requested is not None and requested != LOCAL:
+        parse(requested)
+    record = Path(home) / STORE_FILE
+    try:
+        recorded = record.read_text().strip()
+    except FileNotFoundError:
+        recorded = None
+    except OSError as e:
+        raise StorageError(f"cannot read {record}: {e.strerror}")
+    if recorded is None:
+        if requested is None or requested == LOCAL:
+            return LOCAL  # the default needs no record: state directories made before stores keep working
+        if (Path(home) / CATALOG_FILE).exists():
+            raise InvalidArgument(f"the state directory {home} already keeps volumes in local files, "
+                                  f"not in {requested}; use another state directory (--home) for that store")
+        try:
+            Path(home).mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(record, (requested + "\n").encode(), 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot record the store in {record}: {e.strerror}")
+        return requested
+    if requested is not None and requested != recorded:
+        raise InvalidArgument(f"the state directory {home} uses the store {recorded}, not {requested}; "
+                              f"use another state directory (--home) for another store")
+    return recorded
+
+
+def parse(spec: str) -> tuple[str, str]:
+    if not spec.startswith(RBD_SCHEME):
+        raise InvalidArgument(f"unknown store {spec!r}: use rbd://POOL[/NAMESPACE], or local")
+    return parse_rbd_spec(spec)
 
 
 def parse_rbd_spec(spec: str) -> tuple[str, str]:
@@ -28,15 +73,13 @@ def parse_rbd_spec(spec: str) -> tuple[str, str]:
 
 
 def open_store(spec: str | None, root: Path) -> BackingStore:
-    if spec and spec.startswith(RBD_SCHEME):
-        pool, ns = parse_rbd_spec(spec)
+    if spec and spec != LOCAL:
+        pool, ns = parse(spec)
         try:
             from .rbd import RBDStore
         except ImportError:
             raise InvalidArgument("the RBD store needs python3-rados and python3-rbd (make install links them)")
         return RBDStore(pool, namespace=ns, client=os.environ.get("EVSCRYPT_RBD_CLIENT", "admin"),
                         conf=os.environ.get("CEPH_CONF") or None)
-    if spec:
-        raise InvalidArgument(f"unknown store {spec!r}: use rbd://POOL[/NAMESPACE], or none for local files")
     from .local import LocalStore
     return LocalStore(root)

@@ -18,6 +18,7 @@ interface and how each operation maps onto files and onto RBD.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import re
 import secrets
@@ -25,9 +26,9 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, ContextManager, Iterable, Iterator, NamedTuple, TypeVar
 
-from ..errors import Busy
+from ..errors import Busy, EvscryptError
 from ..names import check_name
 
 #: A temporary image's name: hidden (a leading dot, so listings skip it)
@@ -40,9 +41,20 @@ def temp_name(name: str) -> str:
     return f".{check_name(name)}.tmp-{secrets.token_hex(4)}"
 
 
+#: The image of a snapshot or an image (evscrypt's copies) in a store that
+#: keeps them (a shared one): hidden, and with a "=" that no evscrypt name
+#: has, so it can never collide with a volume or a temporary name.
+_COPY = re.compile(r"\.(?:snapshot|image)=(?P<name>[^/]+)")
+
+
+def copy_image_name(kind: str, name: str) -> str:
+    """The store image that holds snapshot or image (``kind``) ``name``."""
+    return f".{kind}={check_name(name, kind)}"
+
+
 def check_image_name(name: str) -> str:
-    """An evscrypt name (names.check_name), or a :func:`temp_name`."""
-    m = _TEMP.fullmatch(name) if isinstance(name, str) else None
+    """An evscrypt name (names.check_name), a :func:`temp_name` or a :func:`copy_image_name`."""
+    m = (_TEMP.fullmatch(name) or _COPY.fullmatch(name)) if isinstance(name, str) else None
     check_name(m.group("name") if m else name)
     return name
 
@@ -89,11 +101,54 @@ class Done(Pending):
         return self._result
 
 
+T = TypeVar("T")
+#: What an asynchronous I/O calls when it has finished: (data, error).
+Completion = Callable[[object, "EvscryptError | None"], None]
+
+
+def _at_once(io: Callable[[], object], done: Completion | None) -> Pending:
+    """An "asynchronous" I/O done at once: ``io()``'s result as a finished
+    Pending, and to ``done`` if given (which then gets a failure too)."""
+    try:
+        result = io()
+    except EvscryptError as e:
+        if done is None:
+            raise
+        done(None, e)
+        return Done()
+    if done is not None:
+        done(result, None)
+    return Done(result)
+
+
 class Image(abc.ABC):
     """One open backing image.  I/O methods may be called from many threads
     at once; open/close/lock from one."""
 
     name: str
+
+    @property
+    def handle(self):
+        """What evscrypt.image.backing does I/O on: a file descriptor where
+        the store has one (its fast path: plain system calls), else this
+        image itself."""
+        return self
+
+    @property
+    @abc.abstractmethod
+    def closed(self) -> bool: ...
+
+    # -- who owns it, what it holds ---------------------------------------------
+    @abc.abstractmethod
+    def owner(self) -> int:
+        """The uid the image belongs to (a non-root user may attach only their own)."""
+
+    @abc.abstractmethod
+    def set_owner(self, uid: int) -> None: ...
+
+    def allocated(self) -> int:
+        """Bytes the store holds for the image (the rest are holes)."""
+        return sum(n for _, n in self.data_extents(0, self.size()))
 
     # -- data ------------------------------------------------------------------
     @abc.abstractmethod
@@ -108,16 +163,21 @@ class Image(abc.ABC):
     def pwrite(self, data, offset: int) -> None:
         """Write all of ``data`` at ``offset`` (within :meth:`size`)."""
 
-    def aio_read(self, offset: int, length: int) -> Pending:
-        """Start a read; the store may run it in the background."""
-        buf = bytearray(length)
-        self.pread_into(buf, offset)
-        return Done(bytes(buf))
+    def aio_read(self, offset: int, length: int, done: Completion | None = None) -> Pending:
+        """Start a read; the store may run it in the background.  ``done(data,
+        error)``, if given, runs once it has finished, in whichever thread the
+        store completes it (here: at once, in this one); ``error`` is the
+        evscrypt error of a failure, else None."""
+        def read() -> bytes:
+            buf = bytearray(length)
+            self.pread_into(buf, offset)
+            return bytes(buf)
+        return _at_once(read, done)
 
-    def aio_write(self, data, offset: int) -> Pending:
-        """Start a write; ``data`` must not change until it is waited for."""
-        self.pwrite(data, offset)
-        return Done()
+    def aio_write(self, data, offset: int, done: Completion | None = None) -> Pending:
+        """Start a write; ``data`` must not change until it has finished.
+        ``done(None, error)`` as for :meth:`aio_read`."""
+        return _at_once(lambda: self.pwrite(data, offset), done)
 
     @abc.abstractmethod
     def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
@@ -212,6 +272,49 @@ class BackingStore(abc.ABC):
     (:func:`temp_name`), which listings skip; the store maps them to file or
     RBD image names.  Snapshot names are evscrypt names.
     """
+
+    #: Do other hosts see this store's images?  Then the volume catalog
+    #: lives in :meth:`catalog` (shared), not in the state directory.
+    shared = False
+
+    @abc.abstractmethod
+    def location(self, name: str) -> str:
+        """Where image ``name`` lives, for messages and `volume info`."""
+
+    def build(self, name: str, fill: Callable[[Image], T], guard: Callable[[T], ContextManager],
+              start: tuple[str, str] | None = None) -> T:
+        """Make image ``name`` whole or not at all.
+
+        ``fill(image)`` writes a new, empty image under a :func:`temp_name`
+        (with ``start`` = (image, snapshot): a :meth:`clone` of that
+        snapshot instead of an empty image); then, inside ``guard(result)``
+        (where the caller records it), the image takes its name
+        (AlreadyExists if one was made meanwhile).  Anything that stops it
+        (an error, Ctrl-C) removes the temporary image; a crash leaves it
+        hidden from listings."""
+        tmp = temp_name(name)
+        if start is None:
+            img = self.create(tmp, 0)
+        else:
+            self.clone(*start, tmp)
+            try:
+                img = self.open(tmp, write=True)
+            except BaseException:
+                with contextlib.suppress(EvscryptError):
+                    self.delete(tmp)
+                raise
+        try:
+            result = fill(img)
+            img.flush()
+            img.close()
+            with guard(result):
+                self.rename(tmp, name)
+        except BaseException:
+            img.close()
+            with contextlib.suppress(EvscryptError):
+                self.delete(tmp)
+            raise
+        return result
 
     # -- images ------------------------------------------------------------------
     @abc.abstractmethod

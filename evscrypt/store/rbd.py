@@ -49,6 +49,8 @@ FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK | rbd.RBD_
             | rbd.RBD_FEATURE_FAST_DIFF | rbd.RBD_FEATURE_DEEP_FLATTEN)
 #: Image metadata key where a holder describes itself (host, pid, time).
 HOLDER_KEY = "evscrypt.holder"
+#: Image metadata key for the uid the image belongs to (none: root's).
+OWNER_KEY = "evscrypt.owner"
 CATALOG_OBJECT = "evscrypt.catalog"
 #: One read op returns the whole catalog, so its version is that of what was
 #: read; the OSD caps one omap read at 131072 entries (osd_max_omap_entries_per_request).
@@ -81,13 +83,34 @@ def _converted(what: str):
 
 
 class RBDPending(Pending):
-    def __init__(self, what: str):
-        self.what = what
+    """An aio request; with ``done``, its completion calls it from librbd's
+    completion thread (python-rbd takes the GIL for the callback).  On every
+    request: slots, and the message made only for a failure."""
+
+    __slots__ = ("image", "verb", "done", "data", "completion")
+
+    def __init__(self, image: str, verb: str, done=None):
+        self.image, self.verb, self.done = image, verb, done
         self.data = None
         self.completion = None
 
+    @property
+    def what(self) -> str:
+        return f"cannot {self.verb} image {self.image!r}"
+
+    def _error(self, completion) -> StorageError | None:
+        ret = completion.get_return_value()
+        return StorageError(f"{self.what}: {os.strerror(-ret)}") if ret < 0 else None
+
     def on_read(self, completion, data) -> None:  # librbd's thread
         self.data = data
+        if self.done is not None:
+            # python-rbd passes None for a failed read: only then ask why
+            # (get_return_value drops the GIL, and another thread takes it)
+            self.done(data, None) if data is not None else self.done(None, self._error(completion))
+
+    def on_write(self, completion) -> None:  # librbd's thread
+        self.done(None, self._error(completion))
 
     def wait(self):
         self.completion.wait_for_complete_and_cb()
@@ -106,6 +129,21 @@ class RBDImage(Image):
         with _converted(f"image {self.name!r}"):
             return self._img.size()
 
+    @property
+    def closed(self) -> bool:
+        return self._img is None
+
+    def owner(self) -> int:
+        with _converted(f"image {self.name!r}"):
+            try:
+                return int(self._img.metadata_get(OWNER_KEY))
+            except KeyError:
+                return 0
+
+    def set_owner(self, uid: int) -> None:
+        with _converted(f"image {self.name!r}"):
+            self._img.metadata_set(OWNER_KEY, str(int(uid)))
+
     def pread_into(self, buf, offset: int) -> None:
         mv = memoryview(buf)
         try:  # not _converted(): the hot path, where a generator's cost shows
@@ -122,16 +160,21 @@ class RBDImage(Image):
         except (rbd.Error, rados.Error) as e:
             raise _error(e, f"cannot write image {self.name!r}") from None
 
-    def aio_read(self, offset: int, length: int) -> RBDPending:
-        p = RBDPending(f"cannot read image {self.name!r}")
-        with _converted(p.what):
+    def aio_read(self, offset: int, length: int, done=None) -> RBDPending:
+        p = RBDPending(self.name, "read", done)
+        try:  # not _converted(): the hot path
             p.completion = self._img.aio_read(offset, length, p.on_read)
+        except (rbd.Error, rados.Error) as e:
+            raise _error(e, p.what) from None
         return p
 
-    def aio_write(self, data, offset: int) -> RBDPending:
-        p = RBDPending(f"cannot write image {self.name!r}")
-        with _converted(p.what):
-            p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset, None)
+    def aio_write(self, data, offset: int, done=None) -> RBDPending:
+        p = RBDPending(self.name, "write", done)
+        try:
+            p.completion = self._img.aio_write(data if type(data) is bytes else bytes(data), offset,
+                                               None if done is None else p.on_write)
+        except (rbd.Error, rados.Error) as e:
+            raise _error(e, p.what) from None
         return p
 
     def data_extents(self, start: int, end: int):
@@ -181,6 +224,11 @@ class RBDImage(Image):
         self._locked = True
         with _converted(f"image {self.name!r}"):
             self._img.metadata_set(HOLDER_KEY, description)
+            # librbd's cache writes through until the first flush
+            # (rbd_cache_writethrough_until_flush), to protect guests that
+            # never flush; evscrypt flushes at every fsync and at detach, as
+            # the local store's page cache is written back at fsync
+            self._img.flush()
 
     def unlock(self) -> None:
         if not self._locked:
@@ -271,6 +319,8 @@ class RBDStore(BackingStore):
     """Images in RBD pool ``pool`` (namespace ``namespace``), as client
     ``client`` of the cluster in ``conf`` (None: librados' search, CEPH_CONF)."""
 
+    shared = True
+
     def __init__(self, pool: str, *, namespace: str = "", client: str = "admin", conf: str | None = None,
                  liveness_timeout: float = 10.0, connect_timeout: float = CONNECT_TIMEOUT):
         self.pool, self.namespace, self.client, self.conf = pool, namespace, client, conf
@@ -281,6 +331,9 @@ class RBDStore(BackingStore):
             # with clones can be deleted (it waits in the trash)
             self.cluster.conf_set("rbd_default_clone_format", "2")
             self.cluster.conf_set("rbd_blocklist_on_break_lock", "true")
+            # errors reach the user as one evscrypt line each, not as librbd's log
+            self.cluster.conf_set("err_to_stderr", "false")
+            self.cluster.conf_set("log_to_stderr", "false")
             # connect()'s own timeout argument is ignored by python-rados
             self.cluster.conf_set("client_mount_timeout", str(connect_timeout))
             self.cluster.connect()
@@ -304,9 +357,23 @@ class RBDStore(BackingStore):
         self.ioctx.close()
         self.cluster.shutdown()
 
+    def location(self, name: str) -> str:
+        return f"rbd:{self.pool}/{self.namespace + '/' if self.namespace else ''}{check_image_name(name)}"
+
     def _image(self, name: str, *, write: bool = False, snapshot: str | None = None) -> rbd.Image:
         with _converted(f"image {name!r}" + (f" snapshot {snapshot!r}" if snapshot else "")):
             return rbd.Image(self.ioctx, check_image_name(name), snapshot=snapshot, read_only=not write)
+
+    @contextlib.contextmanager
+    def _using(self, name: str, what: str, *, write: bool = False):
+        """Open image *name* for one short operation, turning vendor errors
+        into evscrypt's with *what* as the context, and close it after."""
+        img = self._image(name, write=write)
+        try:
+            with _converted(what):
+                yield img
+        finally:
+            img.close()
 
     # -- images ------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -357,12 +424,8 @@ class RBDStore(BackingStore):
 
     # -- the attach lock, from outside ---------------------------------------------
     def holder(self, name: str) -> Holder | None:
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                return _holder(img)
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            return _holder(img)
 
     def is_alive(self, name: str, holder: Holder) -> bool:
         """The holder's watch on the image header is registered and the holder
@@ -371,13 +434,9 @@ class RBDStore(BackingStore):
         A crashed host's watch stays registered until the OSD times it out
         (osd_client_watch_timeout, 30 s), so the notify is what tells it apart
         quickly: a live librbd client answers every notify on its header."""
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                ids = {w["id"] for w in img.watchers_list() if w["addr"] == holder.owner}
-                oid = f"rbd_header.{img.id()}"
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            ids = {w["id"] for w in img.watchers_list() if w["addr"] == holder.owner}
+            oid = f"rbd_header.{img.id()}"
         if not ids:
             return False
         replies = rados_notify.notify(self.conf, self.client, self.pool, self.namespace, oid,
@@ -390,45 +449,29 @@ class RBDStore(BackingStore):
         if self.is_alive(name, holder):
             raise Busy(f"image {name!r} is locked by {holder}, which is alive and answering; "
                               "its lock is not broken")
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot break the lock of image {name!r}"):
-                if any(o["owner"] == holder.owner for o in img.lock_get_owners()):
-                    # blocklists holder.owner first (rbd_blocklist_on_break_lock)
-                    img.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, holder.owner)
-        finally:
-            img.close()
+        with self._using(name, f"cannot break the lock of image {name!r}", write=True) as img:
+            if any(o["owner"] == holder.owner for o in img.lock_get_owners()):
+                # blocklists holder.owner first (rbd_blocklist_on_break_lock)
+                img.lock_break(rbd.RBD_LOCK_MODE_EXCLUSIVE, holder.owner)
 
     # -- snapshots and clones ----------------------------------------------------------
     def snapshot(self, name: str, snap: str) -> None:
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot create snapshot {name}@{snap}"):
-                img.create_snap(check_name(snap, "snapshot"))
-        finally:
-            img.close()
+        with self._using(name, f"cannot create snapshot {name}@{snap}", write=True) as img:
+            img.create_snap(check_name(snap, "snapshot"))
 
     def snapshots(self, name: str) -> list[str]:
-        img = self._image(name)
-        try:
-            with _converted(f"image {name!r}"):
-                return sorted(s["name"] for s in img.list_snaps()
-                              if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
-                              == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
-        finally:
-            img.close()
+        with self._using(name, f"image {name!r}") as img:
+            return sorted(s["name"] for s in img.list_snaps()
+                          if s.get("namespace", rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
+                          == rbd.RBD_SNAP_NAMESPACE_TYPE_USER)
 
     def delete_snapshot(self, name: str, snap: str) -> None:
-        img = self._image(name, write=True)
-        try:
-            with _converted(f"cannot delete snapshot {name}@{snap}"):
-                img.remove_snap(snap)  # with clones: moved to the snapshot trash
-        finally:
-            img.close()
+        with self._using(name, f"cannot delete snapshot {name}@{snap}", write=True) as img:
+            img.remove_snap(snap)  # with clones: moved to the snapshot trash
 
     def clone(self, name: str, snap: str, new: str) -> None:
         with _converted(f"cannot clone {name}@{snap} to {new!r}"):
-            self.rbd.clone(self.ioctx, check_name(name), check_name(snap, "snapshot"), self.ioctx,
+            self.rbd.clone(self.ioctx, check_image_name(name), check_name(snap, "snapshot"), self.ioctx,
                            check_image_name(new), features=FEATURES)
 
     def export(self, name: str, dest: Path, *, snapshot: str | None = None) -> None:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import struct
 from dataclasses import dataclass
 
 from ...errors import FormatError, UnsupportedFeature
 from ...format import COPIES, HEADER_AREA, SLOT_SIZE
-from ..backing import pwrite_all
+from ..backing import pread, pwrite_all, sync
 from .model import Header
 
 MAGIC = b"EVSCRYPT"
@@ -79,8 +78,9 @@ class Loaded:
         return not all(self.valid)
 
 
-def read_slots(fd: int) -> list[bytes]:
-    return [os.pread(fd, SLOT_SIZE, i * SLOT_SIZE) for i in range(COPIES)]
+def read_slots(fd) -> list[bytes]:
+    """Both copies' slots from an image handle (evscrypt.image.backing)."""
+    return [pread(fd, SLOT_SIZE, i * SLOT_SIZE) for i in range(COPIES)]
 
 
 def load(fd: int, path: str = "image") -> Loaded:
@@ -133,7 +133,7 @@ def store(fd: int, header: Header, prev: Loaded | None = None, *, crash_after: i
         if crash_after is not None and step >= crash_after:
             raise SimulatedCrash(step)
         pwrite_all(fd, pack_copy(header, seqno, copy), copy * SLOT_SIZE)
-        os.fsync(fd)
+        sync(fd)
     return Loaded(header, seqno, winner, (True, True), (None, None))
 
 
