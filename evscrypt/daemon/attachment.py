@@ -149,8 +149,9 @@ class Attachment:
         in flight (see :meth:`finish_write`)."""
         self._begin()
         try:
-            data = self.engine.read(off, min(size, self.size - off), self.inflight == 1) \
-                if 0 <= off < self.size and size > 0 else b""
+            end = self.vol.header.size
+            data = self.engine.read(off, min(size, end - off), self.inflight == 1) \
+                if 0 <= off < end and size > 0 else b""
         except BaseException as e:
             self._end_failed(e)
             raise
@@ -172,7 +173,9 @@ class Attachment:
         Follow with :meth:`finish_write`."""
         self._begin()
         try:
-            buf = self._cut(off, buf)
+            size = self.vol.header.size
+            if off + len(buf) > size or off >= size:
+                buf = self._cut(off, buf)
             if self.gate.try_enter():
                 return buf
         except BaseException:
