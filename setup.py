@@ -1,10 +1,12 @@
 """Only for the optional C extensions; everything else is in pyproject.toml.
 
-Both extensions need nothing but a C compiler and the Python headers (no
+The XTS extensions need nothing but a C compiler and the Python headers (no
 network, no libraries to link): _xtsloop calls libcrypto through function
 pointers it is handed at run time.  Both are optional: without a compiler
 evscrypt still installs and falls back to the ctypes loop
-(evscrypt/crypto/evp.py).  _xtsvaes is built everywhere; where the compiler
+(evscrypt/crypto/evp.py).  _cpath, the C data path of the daemon, needs
+the kernel's linux/fuse.h too; without it the daemon serves every request
+in Python.  _xtsvaes is built everywhere; where the compiler
 lacks the VAES/AVX-512 intrinsics (probed below) or off x86-64 it builds as
 a stub that reports itself unsupported, and EVP runs.
 """
@@ -55,5 +57,8 @@ SHARED = ["evscrypt/crypto/_xtssector.h"]
 ext = [Extension("evscrypt.crypto._xtsloop", ["evscrypt/crypto/_xtsloop.c"], depends=SHARED,
                  extra_compile_args=["-O2"], optional=True),
        Extension("evscrypt.crypto._xtsvaes", ["evscrypt/crypto/_xtsvaes.c"], depends=SHARED,
+                 extra_compile_args=["-O2"], optional=True),
+       # the C data path (evscrypt/daemon/cpath.py); Linux only (linux/fuse.h)
+       Extension("evscrypt.daemon._cpath", ["evscrypt/daemon/_cpath.c"], depends=SHARED,
                  extra_compile_args=["-O2"], optional=True)]
 setup(ext_modules=ext, cmdclass={"build_ext": BuildExt})

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: fio side by side on a 256 MiB disk: a plain file, qemu-storage-daemon
 # FUSE exports (raw and LUKS), gocryptfs, and evscrypt (encrypted, --no-encrypt,
-# and on stock pyfuse3 as a pip install runs it).
+# and on stock pyfuse3 as a pip install runs it), then bench/bench_multi.py: 1, 4 and 8
+# busy disks at once.
 # Installs the peers (as root) and matplotlib into the venv for the PNG (not a
 # project dependency), then runs bench/bench_fio.py.  BENCH_RUNTIME=1 for a quick run;
 # see bench/bench_fio.py for the other BENCH_* variables.  Then bench/bench_rbd.py:
@@ -38,6 +39,10 @@ if [[ ! -x $STOCK/bin/evscrypt || -n $(find evscrypt pyproject.toml setup.py -ne
 fi
 
 "$VENV/bin/python" bench/bench_fio.py "$@"
+# many busy disks at once (1, 4, 8 volumes), beside qemu-storage-daemon LUKS
+# with as many exports and plain files; BENCH_MULTI=0 skips it
+[[ ${BENCH_MULTI:-1} == 0 ]] || "$VENV/bin/python" bench/bench_multi.py
 # The RBD table: qemu-storage-daemon driver=rbd (+ luks) over FUSE, `rbd bench`
-# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster.
-exec "$VENV/bin/python" bench/bench_rbd.py
+# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster;
+# BENCH_RBD=0 skips it
+[[ ${BENCH_RBD:-1} == 0 ]] || exec "$VENV/bin/python" bench/bench_rbd.py

@@ -9,6 +9,10 @@
 #   threads that receive requests and answer those of the data path (read,
 #   write, getattr, fsync, flush) synchronously, in parallel, and count them
 #   (the daemon's data path; see the patch header).
+# - patches/pyfuse3-3.5.0-cfilter.patch adds pyfuse3.set_request_filter(): a C
+#   function that answers requests in the worker threads without the GIL
+#   (evscrypt's C data path), an adaptive spin before a worker sleeps, and
+#   the enable_splice_read and max_background settings.
 #
 # Idempotent: if VENV already has a pyfuse3 with both, exit 0 at once.
 # Otherwise download the pyfuse3 3.5.0 sdist (sha256 checked), apply the
@@ -47,7 +51,8 @@ PY=$VENV/bin/python
 [[ -x $PY ]] || die "$PY is missing or not executable"
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PATCHES=("$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-fallocate.patch"
-         "$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-threads.patch")
+         "$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-threads.patch"
+         "$HERE/../patches/pyfuse3-$PYFUSE3_VERSION-cfilter.patch")
 for PATCH in "${PATCHES[@]}"; do
     [[ -f $PATCH ]] || die "patch not found: $PATCH"
 done
@@ -72,6 +77,8 @@ with open(pyfuse3.__file__, "rb") as f:
         sys.exit("%s has no fuse_fallocate handler" % pyfuse3.__file__)
 if not hasattr(pyfuse3, "main_threads"):
     sys.exit("pyfuse3 has no main_threads")
+if not hasattr(pyfuse3, "set_request_filter"):
+    sys.exit("pyfuse3 has no set_request_filter")
 EOF
 }
 

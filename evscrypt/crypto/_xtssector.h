@@ -79,4 +79,16 @@ run_sectors(sector_fn fn, void *ctx, unsigned __int128 first, unsigned long long
     return 1;
 }
 
+/* A whole run of sectors through one XTS implementation, with run_sectors'
+ * rules: n sectors of `sector` bytes from sector `first` of in into out
+ * (in == out allowed), tweaks from iv_per_sector, enc 1 to encrypt, with
+ * skip_zero the zero-unwritten rule, with clear the vector registers
+ * cleared afterwards.  _xtsvaes exports its crypt_run as this, in a
+ * capsule named XTS_RUN_CAPSULE, for C callers that run without the GIL
+ * (evscrypt/daemon/_cpath.c); `ctx` is its key schedule. */
+typedef void (*xts_run_fn)(const unsigned char *ctx, unsigned __int128 first, unsigned long long iv_per_sector,
+                           const unsigned char *in, unsigned char *out, Py_ssize_t n, Py_ssize_t sector, int enc,
+                           int skip_zero, int clear);
+#define XTS_RUN_CAPSULE "evscrypt.crypto._xtsvaes.CRYPT_RUN"
+
 #endif /* EVSCRYPT_XTSSECTOR_H */

@@ -564,6 +564,14 @@ PyInit__xtsvaes(void)
 #if HAVE_VAES
     supported = cpu_supported();
 #endif
+#if HAVE_VAES
+    /* crypt_run for C callers (see xts_run_fn): only where it can run */
+    if (supported && PyModule_AddObject(m, "CRYPT_RUN",
+                                        PyCapsule_New((void *)(xts_run_fn)crypt_run, XTS_RUN_CAPSULE, NULL)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
     if (PyModule_AddIntConstant(m, "SCHED_SIZE", SCHED_SIZE) < 0 ||
         PyModule_AddObject(m, "BUILT", PyBool_FromLong(HAVE_VAES)) < 0 ||
         PyModule_AddIntConstant(m, "DUMP_SIZE", DUMP_SIZE) < 0 ||

@@ -31,6 +31,12 @@ def available() -> bool:
     return _xtsvaes is not None and bool(_xtsvaes.SUPPORTED)
 
 
+def crypt_run_capsule():
+    """The C loop for C callers that run without the GIL (``xts_run_fn`` in
+    _xtssector.h; the daemon's C data path), or None where it cannot run."""
+    return getattr(_xtsvaes, "CRYPT_RUN", None) if available() else None
+
+
 def unavailable_reason() -> str:
     """Why :func:`available` is False, in one line (for a forced choice)."""
     if _xtsvaes is None:
@@ -64,6 +70,14 @@ class VaesXts:
             raise OverflowError("sector number out of the tweak's range")
         _crypt_sectors(sched, first_sector & _MASK64, first_sector >> 64, self._ivmul, src, dst, self._sector,
                        encrypt, skip_zero)
+
+    def schedule(self) -> bytearray:
+        """The expanded keys in place (the locked buffer :meth:`close`
+        wipes), for the C data path, which reads them under its own
+        registration (daemon/cpath.py) and must be unregistered first."""
+        if self._buf is None:
+            raise ValueError("cipher is closed")
+        return self._buf
 
     def close(self) -> None:
         self._buf = None

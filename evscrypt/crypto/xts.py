@@ -114,6 +114,13 @@ class SectorCipher:
             dst[lo:lo + k] = buf[:k]
             ctx.finalize()
 
+    def schedule(self) -> bytearray:
+        """The VAES key schedule in place (locked, wiped by :meth:`close`),
+        for the daemon's C data path; ValueError on any other implementation."""
+        if self._path != "vaes" or self._fast is None:
+            raise ValueError("no VAES key schedule")
+        return self._fast.schedule()
+
     def encrypt_into(self, first_sector: int, src, dst) -> None:
         fast = self._fast
         if fast is not None and (self._whole or len(src) < MIN_SPLIT_BYTES):

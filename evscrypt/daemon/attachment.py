@@ -37,7 +37,7 @@ from ..image import header as hdr
 from ..image.engine import Engine
 from ..reattach import Verdict
 from ..volumes import OpenVolume
-from . import loopmount
+from . import cpath, loopmount
 from .gate import WriteGate
 
 log = logging.getLogger("evscrypt.attachment")
@@ -80,6 +80,7 @@ class Attachment:
     key_state: str | None = None
     reattach: Verdict | None = None  # the last answer to "could it attach again?"
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    in_c: bool = False  # aligned I/O is served by the C data path (cpath.py)
 
     @property
     def size(self) -> int:
@@ -133,6 +134,8 @@ class Attachment:
         if isinstance(e, (EvscryptError, OSError)):
             if _fails_volume(e):
                 self.failed = getattr(e, "message", None) or str(e)
+                if self.in_c:
+                    cpath.disable(self.inode)  # its requests come here, and answer EIO
                 log.error("volume %s failed: %s", self.name, self.failed)
             self._end(errors=1)
         else:
@@ -330,10 +333,46 @@ class Attachment:
             await self._run(lambda: self.engine.discard(off, length), limiter)
         self._end(discards=1)
 
+    # -- the C data path --------------------------------------------------------------
+    def serve_in_c(self) -> bool:
+        """Hand aligned I/O to the C data path where it can run (cpath.py);
+        before the volume is visible."""
+        self.in_c = cpath.register(self)
+        if self.in_c:
+            self.gate.hold = lambda hold: cpath.hold_writes(self.inode, hold)
+        return self.in_c
+
+    def stop_c(self) -> None:
+        """Take the volume out of the C data path, waiting for its requests
+        there, and add what C served to the counters (before the key is wiped)."""
+        if not self.in_c:
+            return
+        got = cpath.unregister(self.inode)
+        self.in_c = False
+        self.gate.hold = None
+        if got:
+            self._add_c(self.counters, got)
+
+    @staticmethod
+    def _add_c(c: Counters, got: tuple[int, int, int, int]) -> None:
+        c.reads += got[0]
+        c.writes += got[1]
+        c.bytes_read += got[2]
+        c.bytes_written += got[3]
+
+    def counters_now(self) -> Counters:
+        """The counters, with the requests the C data path served."""
+        c = Counters(**vars(self.counters))
+        if self.in_c:
+            self._add_c(c, cpath.counters(self.inode))
+        return c
+
     # -- the lifecycle --------------------------------------------------------------
     def set_size(self, size: int) -> None:
         """After a resize has grown the image and its header."""
         self.engine.size = size
+        if self.in_c:
+            cpath.set_size(self.inode, size)
 
     def close(self) -> None:
         """Wipe the keys and release the image (and with it the lock).  The

@@ -12,6 +12,8 @@ which never waits: a request that finds the gate closed goes the async way
 and waits in the trio thread), discards from the trio thread
 (``async with gate``); one small lock keeps the count and the closed state
 consistent between them.  Passing an open gate costs no checkpoint.
+Writes the C data path serves do not pass it: :attr:`WriteGate.hold`
+stops those while the gate is closed (they then come here).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class WriteGate:
         self._lock = threading.Lock()
         self._closed: trio.Event | None = None  # set when the gate opens again
         self.active = 0  # changes running now
+        #: Writers that do not pass this gate (the C data path): hold(True)
+        #: stops them and waits for theirs that run, hold(False) lets them go.
+        self.hold = None
 
     @property
     def closed(self) -> bool:
@@ -67,10 +72,14 @@ class WriteGate:
                 raise RuntimeError("the write gate is already closed")  # callers hold the volume's lock
             self._closed = reopened = trio.Event()
         try:
+            if self.hold is not None:
+                await trio.to_thread.run_sync(self.hold, True)  # waits for writes running in C
             while self.active:
                 await trio.sleep(_DRAIN_POLL)
             yield
         finally:
+            if self.hold is not None:
+                self.hold(False)
             with self._lock:
                 self._closed = None
             reopened.set()

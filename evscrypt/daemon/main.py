@@ -32,13 +32,13 @@ from ..errors import Busy, DaemonUnavailable, EvscryptError, MemoryProtectionErr
 from ..paths import disks_dir, socket_path
 from ..secret import lock_all_memory, set_nondumpable
 from ..volumes import VolumeStore
-from . import datapath, loopmount
+from . import cpath, datapath, loopmount
 from .control import ControlServer
 from .kernel import FuseKernel
 from .manager import VolumeManager
 from .notify import sd_notify
 from .ops import Operations
-from .pools import FUSE_THREADS, Pools
+from .pools import Pools, fuse_threads
 
 log = logging.getLogger("evscrypt.daemon")
 
@@ -146,8 +146,14 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
 
     pools = Pools.sized()
     manager = VolumeManager(VolumeStore(home, store), mountpoint, FuseKernel(), pools)
-    manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts)
-    ops = Operations(manager)
+    no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
+    manager.c_path = no_c is None
+    threads = fuse_threads(manager.c_path)
+    log.info("FUSE worker threads: %d; aligned I/O of encrypted volumes in C: %s", threads,
+             "yes" if no_c is None else f"no ({no_c})")
+    manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts, c_path=manager.c_path,
+                         fuse_threads=threads)
+    ops = Operations(manager, c_path=manager.c_path)
     options = set(pyfuse3.default_options)
     options |= {"fsname=evscrypt", "subtype=evscrypt", "allow_other"}
     # Teardown in the reverse order of set-up (S3QL's mount.py does the
@@ -159,7 +165,10 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
         except RuntimeError as e:
             raise EvscryptError(f"cannot mount FUSE at {mountpoint}: {e}")
         teardown.callback(pyfuse3.close, unmount=True)
+        if manager.c_path:
+            cpath.install(pyfuse3)
+            teardown.callback(cpath.uninstall, pyfuse3)
         teardown.callback(pools.close)
-        trio.run(_serve, manager, ControlServer(manager, sock, socket_group), dp.main(FUSE_THREADS))
+        trio.run(_serve, manager, ControlServer(manager, sock, socket_group), dp.main(threads))
     log.info("stopped")
     return 0

@@ -67,8 +67,10 @@ class VolumeManager:
         # set once the daemon is stopping (evscrypt stop, SIGTERM): attach is
         # refused from then on, so nothing is attached behind the sweep
         self.stopping = False
-        # set by the daemon at start, reported by status: data_path, xts_backend
+        # set by the daemon at start, reported by status: data_path, xts_backend, c_path
         self.facts: dict = {}
+        # whether attach hands volumes to the C data path (cpath.py): set by the daemon
+        self.c_path = False
 
     def _lock(self, name: str) -> trio.Lock:
         return self._name_locks.setdefault(name, trio.Lock())
@@ -109,6 +111,8 @@ class VolumeManager:
                     a.close()
                     raise Busy("the daemon is stopping; attach after it has started again")
                 a.inode, self._next_inode = self._next_inode, self._next_inode + 1
+                if self.c_path:
+                    a.serve_in_c()
                 self.by_name[name] = a
                 self.by_inode[a.inode] = a
                 log.info("attached %s (%s)", name, "encrypted" if a.header.encrypted else "not encrypted")
@@ -208,6 +212,7 @@ class VolumeManager:
         if a.opened:
             self.zombies[a.inode] = a
         self.kernel.forget_entry(a.inode, a.name)
+        await trio.to_thread.run_sync(a.stop_c)  # waits for the requests running in C
         while a.inflight:
             await trio.sleep(0.005)
         await trio.to_thread.run_sync(self.kernel.drop_data, a.inode)
@@ -389,7 +394,8 @@ class VolumeManager:
             "error": a.failed,
             "mount": a.mount.to_dict() if a.mount else None,
             "attached_at": a.attached_at,
-            "io": vars(a.counters).copy(),
+            "io": vars(a.counters_now()),
+            "c_path": a.in_c,
         }
 
     async def status(self, refresh_keys: bool = True, uid: int = 0) -> dict:

@@ -78,10 +78,17 @@ class Operations(pyfuse3.Operations):
     # image is locked), and its size changes only by resize, which tells
     # the kernel itself (invalidate_attr).
     enable_auto_inval_data = False
+    # The kernel's default, 12, caps the asynchronous direct I/O requests in
+    # flight over the whole mount: every disk together.  Eight disks at
+    # queue depth 16 need 128.
+    max_background = 256
 
-    def __init__(self, manager: VolumeManager):
+    def __init__(self, manager: VolumeManager, c_path: bool = False):
         super().__init__()
         self.m = manager
+        # libfuse splices requests larger than a page (a 4 KiB write among
+        # them) into a pipe, where the C data path cannot see them
+        self.enable_splice_read = not c_path
         self._handles: dict[int, Attachment] = {}
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()

@@ -1,7 +1,7 @@
 """Every thread the daemon runs besides the trio thread, declared here.
 
 * FUSE worker threads (``pyfuse3.main_threads``, the threads data path):
-  they receive every request (:data:`FUSE_THREADS`).
+  they receive every request (:func:`fuse_threads`).
 * ``io``: large reads and writes the workers hand off (at least
   ops.OFFLOAD_MIN), so several run at once while a worker goes on receiving.
 * ``fsync``: fsyncs the workers hand off.  A pool of its own: an fsync waits
@@ -31,11 +31,27 @@ import trio
 from .. import parallel
 from ..errors import InvalidArgument
 
-#: FUSE worker threads, which receive every request and serve small reads
-#: and writes themselves (large ones go to the ``io`` pool).  One is fastest
-#: here: a second one mostly trades the GIL back and forth
-#: (docs/PERFORMANCE.md).  A tuning knob for benchmarks.
-FUSE_THREADS = int(os.environ.get("EVSCRYPT_FUSE_THREADS", "1"))
+#: FUSE worker threads per core with the C data path (see fuse_threads).
+WORKERS_PER_CORE = 2
+
+
+def fuse_threads(c_path: bool) -> int:
+    """FUSE worker threads, which receive every request and serve small
+    reads and writes themselves (large ones go to the ``io`` pool).
+
+    With the C data path (cpath.py), two per core: they serve aligned I/O
+    without the GIL, in parallel, and a second one per core keeps the core
+    busy while the first waits (in pread or pwrite, or preempted by the
+    clients on a busy machine): 4 KiB IOPS rose by 5-15% over one per core
+    (docs/PERFORMANCE.md, "Many busy volumes").  Without it one: a second
+    one mostly trades the GIL back and forth.  ``EVSCRYPT_FUSE_THREADS``
+    overrides either (a knob for benchmarks)."""
+    raw = os.environ.get("EVSCRYPT_FUSE_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise InvalidArgument(f"EVSCRYPT_FUSE_THREADS={raw!r}: give a whole number of threads, at least 1")
+        return int(raw)
+    return WORKERS_PER_CORE * len(os.sched_getaffinity(0)) if c_path else 1
 #: The one setting of the I/O threads: 2 cores here, but I/O waits overlap, so a few more
 #: threads than cores keep the disk busy.
 IO_THREADS = 8

@@ -110,6 +110,11 @@ class Engine:
         self.zero_unwritten = zero_unwritten
         self._locks = _SectorLocks(AIO_LOCK_STRIPES if type(fd) is not int else LOCK_STRIPES)
 
+    def set_locks(self, locks) -> None:
+        """Share the sector locks with another writer of the same image (the
+        daemon's C data path, daemon/cpath.py); before any I/O."""
+        self._locks = locks
+
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise OutOfRange(f"range {offset}+{length} lies outside the volume ({self.size} bytes)")
