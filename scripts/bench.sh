@@ -43,6 +43,6 @@ fi
 # with as many exports and plain files; BENCH_MULTI=0 skips it
 [[ ${BENCH_MULTI:-1} == 0 ]] || "$VENV/bin/python" bench/bench_multi.py
 # The RBD table: qemu-storage-daemon driver=rbd (+ luks) over FUSE, `rbd bench`
-# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster;
-# BENCH_RBD=0 skips it
+# as the unencrypted limit, and evscrypt on the pool (evs-rbd); its own cluster.
+# BENCH_RBD=0 skips it.
 [[ ${BENCH_RBD:-1} == 0 ]] || exec "$VENV/bin/python" bench/bench_rbd.py

@@ -75,10 +75,11 @@ def runs_in_c(a) -> bool:
     cipher = a.engine.cipher
     if _cpath is None or not a.header.encrypted or cipher is None or cipher.path != "vaes":
         return False
-    if a.engine.aio:  # a store image without a file descriptor (RBD): librbd's aio path
-        return False
+    fd = a.fd
+    if not isinstance(fd, int):
+        return False  # a store image (RBD): its I/O goes through librbd, in Python
     try:
-        return stat.S_ISREG(os.fstat(a.fd).st_mode)
+        return stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
         return False
 

@@ -266,8 +266,10 @@ class Operations(pyfuse3.Operations):
             buf = v.enter_write(off, buf)
             if buf is None:
                 return None
-            if v.aio and (fut := v.write_later(off, buf, _fuse_error)) is not None:
-                return fut  # in flight in the store, answered from its completion
+            if v.aio:
+                fut = v.write_later(off, buf, _fuse_error)
+                if fut is not None:
+                    return fut
             if len(buf) >= OFFLOAD_MIN:
                 return self.m.pools.io.submit(self._write, v, off, buf)
             return v.finish_write(off, buf)
