@@ -139,9 +139,16 @@ class Bench:
         argv = ["qemu-storage-daemon", "--blockdev", rbd_node]
         if luks:
             secret = f"secret,id=sec0,data={PASSPHRASE}"
-            run(["qemu-img", "create", "-f", "luks", "--object", secret,
-                 "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64",
-                 f"rbd:{POOL}/{name}:conf={self.conf}:id=admin", str(SIZE)], timeout=120)
+            for attempt in range(5):  # its PBKDF calibration fails now and then on a loaded
+                try:                  # machine ("Unable to get accurate CPU usage")
+                    run(["qemu-img", "create", "-f", "luks", "--object", secret,
+                         "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64",
+                         f"rbd:{POOL}/{name}:conf={self.conf}:id=admin", str(SIZE)], timeout=120)
+                    break
+                except RuntimeError as e:
+                    if "accurate CPU usage" not in str(e) or attempt == 4:
+                        raise
+                    self.rbd("rm", f"{POOL}/{name}")
             argv += ["--object", secret, "--blockdev", "driver=luks,node-name=l,file=r,key-secret=sec0"]
         else:
             self.rbd("create", "--size", str(SIZE >> 20), f"{POOL}/{name}")

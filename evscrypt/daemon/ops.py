@@ -244,8 +244,10 @@ class Operations(pyfuse3.Operations):
     def read_sync(self, fh, off, size):
         v = self._handle(fh)
         if v.aio:  # a store image: in flight in the store, answered from its completion
-            with AS_ERRNO:
+            try:
                 return v.read_later(off, size, _fuse_error)
+            except (EvscryptError, OSError) as e:
+                raise pyfuse3.FUSEError(errno_for(e)) from None
         if size >= OFFLOAD_MIN:
             return self.m.pools.io.submit(self._read, v, off, size)
         return self._read(v, off, size)
