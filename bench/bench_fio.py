@@ -73,6 +73,27 @@ MIB = 1024 * 1024
 SIZE = 256 * MIB
 SIZE_ARG = "256M"
 PASSPHRASE = "evscrypt-bench"
+
+
+def luks_create(run, target: str, size: str, start_over=lambda: None, tries: int = 8) -> None:
+    """``qemu-img create -f luks`` of *target* (a file or an ``rbd:`` URI)
+    through *run* (a callable taking argv that raises RuntimeError on a
+    failure), for every qemu-luks peer.  qemu-img times its PBKDF in the
+    thread's CPU time and, on a busy machine, sometimes measures none and
+    fails: so a fixed iteration time, and a few tries, with *start_over*
+    removing what a failed try left."""
+    argv = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
+            "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=100",
+            target, size]
+    for attempt in range(tries):
+        try:
+            run(argv)
+            return
+        except RuntimeError as e:
+            if "Unable to get accurate CPU usage" not in str(e) or attempt == tries - 1:
+                raise
+            log(f"  qemu-img: {e}; trying again")
+            start_over()
 ATTACH_CYCLES = 20
 RSS_VOLUMES = 32
 
@@ -475,18 +496,8 @@ class Bench:
 
     def setup_qemu_luks(self, st: SystemState) -> None:
         img, mnt = self.scratch / "qemu-luks.img", self.scratch / "qemu-luks.disk"
-        argv = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={PASSPHRASE}",
-                "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64", str(img), SIZE_ARG]
-        for attempt in range(3):
-            try:
-                self.run(st, argv, timeout=120)
-                break
-            except RuntimeError as e:
-                # qemu-img times its PBKDF in the thread's CPU time, and on a
-                # busy machine sometimes measures none: try again
-                if "Unable to get accurate CPU usage" not in str(e) or attempt == 2:
-                    raise
-                log(f"  qemu-luks: {e}; trying again")
+        luks_create(lambda argv: self.run(st, argv, timeout=120), str(img), SIZE_ARG,
+                    lambda: img.unlink(missing_ok=True))
         self._qsd_common(st, [
             "qemu-storage-daemon",
             "--object", f"secret,id=sec0,data={PASSPHRASE}",

@@ -106,7 +106,8 @@ class Multi(bf.Bench):
         mnts = []
         for i in range(n):
             img, mnt = self.scratch / f"luks{i}.img", self.scratch / f"luks{i}.disk"
-            self.luks_create(st, img)
+            bf.luks_create(lambda argv: self.run(st, argv, timeout=120), str(img), SIZE_ARG,
+                           lambda img=img: img.unlink(missing_ok=True))
             mnt.touch()
             args += ["--blockdev", f"driver=file,node-name=f{i},filename={img}",
                      "--blockdev", f"driver=luks,node-name=l{i},file=f{i},key-secret=sec0",
@@ -121,23 +122,6 @@ class Multi(bf.Bench):
         self.on_cleanup("qemu-luks: unmount the exports and stop qemu-storage-daemon", stop)
         bf.wait_until(lambda: all(bf.is_mounted(m) for m in mnts), 120, "qemu-luks: waiting for the exports", p, logf)
         self.disks["qemu-luks"], self.pids["qemu-luks"] = mnts, p.pid
-
-    def luks_create(self, st: bf.SystemState, img: Path) -> None:
-        """qemu-img times its PBKDF in the thread's CPU time and, on a busy
-        machine, sometimes measures none and fails: a fixed iteration time,
-        and a few tries."""
-        argv = ["qemu-img", "create", "-f", "luks", "--object", f"secret,id=sec0,data={bf.PASSPHRASE}",
-                "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=100",
-                str(img), SIZE_ARG]
-        for attempt in range(8):
-            try:
-                self.run(st, argv, timeout=120)
-                return
-            except RuntimeError as e:
-                if "Unable to get accurate CPU usage" not in str(e) or attempt == 7:
-                    raise
-                img.unlink(missing_ok=True)
-                time.sleep(0.2)
 
     def setup_evs_n(self, name: str, n: int, cpath: bool) -> None:
         from evscrypt import client

@@ -48,13 +48,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bench_fio  # noqa: E402  (the qemu-luks image, shared with make bench)
+
 CLUSTER = ROOT / "scripts" / "ceph-cluster.sh"
 POOL = "bench"
 SIZE = 256 << 20
 BS = 4096
 QD = 16
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "10"))
-PASSPHRASE = "evscrypt-bench"
+PASSPHRASE = bench_fio.PASSPHRASE
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SYSTEMS = ["rbd-bench", "fio-rbd", "qsd-rbd", "qsd-rbd-luks", "evs-rbd", "store-threads", "store-aio"]
 EVSCRYPT = ROOT / ".venv" / "bin" / "evscrypt"
@@ -139,16 +141,9 @@ class Bench:
         argv = ["qemu-storage-daemon", "--blockdev", rbd_node]
         if luks:
             secret = f"secret,id=sec0,data={PASSPHRASE}"
-            for attempt in range(5):  # its PBKDF calibration fails now and then on a loaded
-                try:                  # machine ("Unable to get accurate CPU usage")
-                    run(["qemu-img", "create", "-f", "luks", "--object", secret,
-                         "-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64",
-                         f"rbd:{POOL}/{name}:conf={self.conf}:id=admin", str(SIZE)], timeout=120)
-                    break
-                except RuntimeError as e:
-                    if "accurate CPU usage" not in str(e) or attempt == 4:
-                        raise
-                    self.rbd("rm", f"{POOL}/{name}")
+            bench_fio.luks_create(lambda argv: run(argv, timeout=120),
+                                  f"rbd:{POOL}/{name}:conf={self.conf}:id=admin", str(SIZE),
+                                  lambda: self.rbd("rm", f"{POOL}/{name}"))
             argv += ["--object", secret, "--blockdev", "driver=luks,node-name=l,file=r,key-secret=sec0"]
         else:
             self.rbd("create", "--size", str(SIZE >> 20), f"{POOL}/{name}")
