@@ -39,7 +39,7 @@ from .kms import KMSBackend, open_backend
 from .names import check_name
 from .paths import volumes_dir
 from .secret import Secret
-from .store import chosen, open_store
+from .store import check_unencrypted, chosen, open_store
 from .store.base import Image, holder_description
 
 log = logging.getLogger("evscrypt.volumes")
@@ -265,6 +265,8 @@ class VolumeStore:
             op.owner = op.image.owner()
             if uid != 0 and uid != op.owner:
                 raise PermissionDenied(f"volume {name!r} belongs to another user")
+            if not op.entry.encrypted:
+                check_unencrypted(self.images, name)
             if op.entry.encrypted:
                 # a user may use only CMKs they own or were granted
                 with self._this_hosts_key(op.entry):
@@ -368,6 +370,8 @@ class VolumeStore:
         to garbage instead of reading as zeros.
         """
         check_size(size)
+        if not encrypted:
+            check_unencrypted(self.images, name, creating=True)
         vol_uuid = str(uuidlib.uuid4())
         return self._build(name, vol_uuid, owner, lambda fd: self.initialise(
             fd, vol_uuid, name, size, encrypted=encrypted, kms=kms, key=key, preallocate=preallocate,

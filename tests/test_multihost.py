@@ -32,10 +32,10 @@ class Hosts(DaemonFactory):
         self.cluster, self.namespace = cluster, namespace
         self.store = f"rbd://{cluster.pool}/{namespace}"
 
-    def host(self, client: str) -> Daemon:
+    def host(self, client: str, **env: str) -> Daemon:
         """A daemon of its own (state, runtime, RADOS client) on the shared pool."""
         d = self(home=self.tmp_path / client / "home", start=False)
-        d.env.update(EVSCRYPT_STORE=self.store, CEPH_CONF=self.cluster.conf, EVSCRYPT_RBD_CLIENT=client)
+        d.env.update(EVSCRYPT_STORE=self.store, CEPH_CONF=self.cluster.conf, EVSCRYPT_RBD_CLIENT=client, **env)
         return d.start()
 
 
@@ -73,6 +73,25 @@ def test_created_on_a_is_listed_and_described_on_b(ab):
     assert info["image_path"].startswith("rbd:") and info["encrypted"] and info["attached"] is False
     b.cli("volume", "delete", "v")
     assert names(a) == []
+
+
+def test_unencrypted_volumes_only_on_hosts_that_allow_them(hosts):
+    """A pool writer can record any volume as unencrypted (an unencrypted
+    header has no MAC), so a host uses unencrypted volumes in a shared store
+    only when it is set to: B refuses to create or attach one, A (allowed)
+    does both, and B still lists it."""
+    a = hosts.host(HOSTS[0], EVSCRYPT_SHARED_UNENCRYPTED="allow")
+    b = hosts.host(HOSTS[1])
+    expect_fail(b, 25, "volume", "create", "p", "--size", "16M", "--no-encrypt",
+                match="cannot create unencrypted volume 'p'")
+    assert names(b) == []
+    a.cli("volume", "create", "p", "--size", "16M", "--no-encrypt")
+    data = rand(8192, "plain")
+    write_at(a.attach("p"), 4096, data)
+    a.cli("detach", "p")
+    assert names(b) == ["p"]
+    expect_fail(b, 25, "attach", "p", match="recorded as unencrypted")
+    assert read_direct(a.attach("p"), 4096, len(data)) == data
 
 
 def test_attached_on_a_is_busy_on_b_naming_the_holder(ab):

@@ -17,13 +17,38 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import InvalidArgument, StorageError
+from ..errors import EncryptionRuleError, InvalidArgument, StorageError
 from ..fsutil import write_atomic
 from ..paths import CATALOG_FILE, STORE_FILE
 from .base import BackingStore
 
 RBD_SCHEME = "rbd://"
 LOCAL = "local"
+#: Set to ``allow`` on a host that accepts unencrypted volumes in a shared
+#: store (see :func:`check_unencrypted`).
+SHARED_UNENCRYPTED_ENV = "EVSCRYPT_SHARED_UNENCRYPTED"
+
+
+def check_unencrypted(store: BackingStore, name: str, *, creating: bool = False) -> None:
+    """Refuse an unencrypted volume in a shared store, unless this host allows them.
+
+    Whoever may write a shared pool may also rewrite its catalog, and an
+    unencrypted header has no MAC: such a writer could record an encrypted
+    volume as unencrypted and make a host write the guest's data in
+    plaintext from then on.  A host cannot tell that forgery from a real
+    unencrypted volume, so by default it uses neither (as a cloud account
+    can make encryption mandatory for every new volume).  A local store
+    keeps its catalog in the state directory, out of the image store's
+    reach, and needs no such rule."""
+    if not store.shared or os.environ.get(SHARED_UNENCRYPTED_ENV) == "allow":
+        return
+    how = f"a host that accepts unencrypted volumes there sets {SHARED_UNENCRYPTED_ENV}=allow"
+    if creating:
+        raise EncryptionRuleError(f"cannot create unencrypted volume {name!r} in a store that many hosts "
+                                  f"share ({how})")
+    raise EncryptionRuleError(f"volume {name!r} is recorded as unencrypted in a store that many hosts share, "
+                              f"which anyone who may write the pool could have done: this host does not "
+                              f"use it ({how})")
 
 
 def chosen(home: Path, requested: str | None) -> str:
