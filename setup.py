@@ -59,6 +59,8 @@ ext = [Extension("evscrypt.crypto._xtsloop", ["evscrypt/crypto/_xtsloop.c"], dep
        Extension("evscrypt.crypto._xtsvaes", ["evscrypt/crypto/_xtsvaes.c"], depends=SHARED,
                  extra_compile_args=["-O2"], optional=True),
        # the C data path (evscrypt/daemon/cpath.py); Linux only (linux/fuse.h)
-       Extension("evscrypt.daemon._cpath", ["evscrypt/daemon/_cpath.c"], depends=SHARED,
+       # (librbd, for volumes in an RBD pool, is bound at run time to the copy python-rbd loaded)
+       Extension("evscrypt.daemon._cpath", ["evscrypt/daemon/_cpath.c", "evscrypt/daemon/_cpath_rbd.c"],
+                 depends=[*SHARED, "evscrypt/daemon/_cpath.h"],
                  extra_compile_args=["-O2"], optional=True)]
 setup(ext_modules=ext, cmdclass={"build_ext": BuildExt})

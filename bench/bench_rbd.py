@@ -8,7 +8,10 @@ runs 4k random read and write at queue depth 16 on a prefilled 256 MiB image:
   qsd-rbd        qemu-storage-daemon driver=rbd, FUSE export, fio libaio
   qsd-rbd-luks   the same with a luks layer (aes-256-xts-plain64): the peer
   evs-rbd        an evscrypt daemon whose store is the pool (EVSCRYPT_STORE),
-                 an XTS-AES-256 volume (local KMS), its disk file, fio libaio
+                 an XTS-AES-256 volume (local KMS), its disk file, fio libaio;
+                 aligned I/O in the C data path (librbd's aio from C)
+  evs-rbd-py     the same with EVSCRYPT_CPATH=0: every request through
+                 python-rbd, its completions taking the GIL
   store-threads  evscrypt's RBD store in-process, no FUSE: 16 threads each
                  doing XTS + pread_into/pwrite (the engine's per-request work)
   store-aio      the same, one thread keeping 16 aio requests in flight
@@ -58,7 +61,7 @@ QD = 16
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "10"))
 PASSPHRASE = bench_fio.PASSPHRASE
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
-SYSTEMS = ["rbd-bench", "fio-rbd", "qsd-rbd", "qsd-rbd-luks", "evs-rbd", "store-threads", "store-aio"]
+SYSTEMS = ["rbd-bench", "fio-rbd", "qsd-rbd", "qsd-rbd-luks", "evs-rbd", "evs-rbd-py", "store-threads", "store-aio"]
 EVSCRYPT = ROOT / ".venv" / "bin" / "evscrypt"
 JOBS = ["randread", "randwrite"]
 
@@ -168,12 +171,13 @@ class Bench:
              "--ioengine=libaio", "--iodepth=4", f"--size={os.stat(mnt).st_size}"], timeout=600)
         return mnt
 
-    def setup_evs(self, name: str) -> Path:
+    def setup_evs(self, name: str, cpath: bool = True) -> Path:
         """An evscrypt daemon on the pool: a volume of SIZE (XTS-AES-256, local
-        KMS), attached; its disk file, prefilled as the qsd disks are."""
+        KMS), attached; its disk file, prefilled as the qsd disks are.  Without
+        cpath, EVSCRYPT_CPATH=0: every request in Python."""
         runtime = Path(tempfile.mkdtemp(prefix="evsr.", dir="/tmp"))  # the socket path must stay short
-        env = dict(self.env, EVSCRYPT_HOME=str(self.scratch / "evs-home"), EVSCRYPT_RUNTIME_DIR=str(runtime),
-                   EVSCRYPT_STORE=f"rbd://{POOL}", EVSCRYPT_RBD_CLIENT="admin")
+        env = dict(self.env, EVSCRYPT_HOME=str(self.scratch / f"{name}-home"), EVSCRYPT_RUNTIME_DIR=str(runtime),
+                   EVSCRYPT_STORE=f"rbd://{POOL}", EVSCRYPT_RBD_CLIENT="admin", EVSCRYPT_CPATH="1" if cpath else "0")
         logf = open(self.scratch / f"{name}.log", "w")
         p = subprocess.Popen([str(EVSCRYPT), "daemon"], stdout=logf, stderr=subprocess.STDOUT, env=env)
         self.pids[name] = p.pid
@@ -305,8 +309,8 @@ def main() -> None:
             try:
                 if system in ("qsd-rbd", "qsd-rbd-luks"):
                     disks[system] = b.setup_qsd(system, luks=system.endswith("luks"))
-                elif system == "evs-rbd":
-                    disks[system] = b.setup_evs("evs")
+                elif system in ("evs-rbd", "evs-rbd-py"):
+                    disks[system] = b.setup_evs(system.replace("-", ""), cpath=system == "evs-rbd")
             except Exception as e:
                 log(f"{system}: set-up failed: {e}")
                 errors[system] = str(e)
@@ -340,10 +344,16 @@ def main() -> None:
     for system, r in results.items():
         cells = [f"{r[j]['iops']:>14} IOPS" if j in r else f"{'-':>19}" for j in JOBS]
         print(f"{system:<16}{cells[0]:>20}{cells[1]:>20}")
-    peer, evs = results.get("qsd-rbd-luks", {}), results.get("evs-rbd", {})
-    for j in JOBS:
-        if j in peer and j in evs:
-            print(f"evs-rbd / qsd-rbd-luks, {j}: {evs[j]['iops'] / peer[j]['iops']:.2f}x")
+    peer = results.get("qsd-rbd-luks", {})
+    for name in ("evs-rbd", "evs-rbd-py"):
+        evs = results.get(name, {})
+        for j in JOBS:
+            if j in peer and j in evs:
+                # the median of each round's ratio: a round's two runs saw the same load
+                per = [e["iops"] / q["iops"] for e, q in zip(evs[j]["rounds"], peer[j]["rounds"])]
+                cpu = [r.get("cpu_us_per_io") for r in evs[j]["rounds"]]
+                print(f"{name} / qsd-rbd-luks, {j}: {statistics.median(per):.2f}x (rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in per)}; server CPU per I/O {statistics.median(cpu)} us)")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -19,6 +19,7 @@ fi
 stamp=$VENV/.evscrypt-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || setup.py -nt $stamp || evscrypt/crypto/_xtsloop.c -nt $stamp || evscrypt/crypto/_xtsvaes.c -nt $stamp
       || evscrypt/crypto/_xtssector.h -nt $stamp || evscrypt/daemon/_cpath.c -nt $stamp
+      || evscrypt/daemon/_cpath_rbd.c -nt $stamp || evscrypt/daemon/_cpath.h -nt $stamp
       || scripts/install.sh -nt $stamp ]]; then
     echo "install: pip install -e .[test]"
     # compat mode: the editable install is a plain path entry; the default

@@ -62,6 +62,7 @@ def test_python_m_build_makes_an_sdist_and_a_wheel(dist):
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for need in ("setup.py", "pyproject.toml", "README.md", "evscrypt/crypto/_xtsvaes.c",
                  "evscrypt/crypto/_xtsloop.c", "evscrypt/crypto/_xtssector.h", "evscrypt/daemon/datapath.py",
+                 "evscrypt/daemon/_cpath.c", "evscrypt/daemon/_cpath_rbd.c", "evscrypt/daemon/_cpath.h",
                  "evscrypt/crypto/backend.py"):
         assert need in names, need
     with zipfile.ZipFile(wheel) as z:

@@ -212,8 +212,7 @@ def test_whole_sector_writes_in_c_and_partial_writes_in_python_do_not_interleave
 
 def test_python_and_c_take_the_same_sector_locks(tmp_path):
     """A registered volume's engine takes its sector locks from the C side
-    (cpath.SharedLocks, the mutexes _cpath's writes take, by the same stripe
-    function): while C holds a sector's stripe, Python's read-modify-write
+    (cpath.SharedLocks, the stripes _cpath's writes take): while C holds a sector's stripe, Python's read-modify-write
     of that sector waits."""
     from evscrypt.daemon import cpath
     from evscrypt.image.engine import Engine
@@ -242,6 +241,35 @@ def test_python_and_c_take_the_same_sector_locks(tmp_path):
         t.join()
         os.close(fd)
         key.wipe()
+
+
+def test_sector_stripes_are_taken_at_once_and_released_by_any_thread():
+    """An RBD write takes its stripes in a FUSE worker and librbd's
+    completion thread releases them: a stripe is a flag, not a mutex that
+    only its owner may unlock."""
+    from evscrypt.daemon import cpath
+    if cpath._cpath is None:
+        pytest.skip("built without _cpath")
+    locks = cpath._cpath.SectorLocks(stripes=8)
+    locks.take(1, 2, True)  # stripes 1 and 2
+    took = threading.Event()
+    waiter = threading.Thread(target=lambda: (locks.take(9, 8, True), took.set()))  # all 8 stripes
+    waiter.start()
+    try:
+        releaser = threading.Thread(target=locks.take, args=(2, 1, False))  # another thread frees stripe 2
+        releaser.start()
+        releaser.join()
+        assert not took.wait(0.2), "took every stripe while stripe 1 was still held"
+        threading.Thread(target=locks.take, args=(1, 1, False)).start()
+        assert took.wait(30)
+    finally:
+        waiter.join()
+    locks.take(0, 8, False)
+    h = cpath.SharedLocks(4096).one(5000)  # Python's aio path takes and releases the same way
+    h.acquire()
+    threading.Thread(target=h.release).start()
+    h.acquire()
+    h.release()
 
 
 @needs_fio

@@ -20,87 +20,102 @@
  * that VaesXts owns (a buffer held from register to unregister); nothing
  * here copies key material, and crypt_run clears the vector registers.
  *
+ * A volume in a Ceph RBD pool has no fd: its requests go to librbd's
+ * asynchronous I/O instead, and its completion thread decrypts and replies
+ * (_cpath_rbd.c).  The shared types are in _cpath.h.
+ *
  * Locks (docs/CONCURRENCY.md):
  *  - slot.mu guards one slot: its fields, its counts and counters.  Held
  *    only to enter and leave a request, never during I/O.
  *  - slot.drained (with mu): unregister and hold_writes wait on it for the
  *    requests (or writes) in flight to finish.
- *  - SectorLocks: 64 striped mutexes by sector number, the same object the
- *    Python engine uses for its read-modify-write, so a partial write there
- *    and a whole-sector write here never interleave on one sector.  Taken
- *    in ascending stripe order on both sides.
+ *  - SectorLocks: striped sector locks (64 stripes for a file, 4096 for an
+ *    RBD image), the same object the Python engine uses for its
+ *    read-modify-write, so a partial write there and a whole-sector write
+ *    here never interleave on one sector.  A stripe is a flag under one
+ *    mutex, not a mutex of its own, because an RBD write takes its stripes
+ *    in a FUSE worker and releases them in librbd's completion thread.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_cpath.h"
+
 #include <errno.h>
-#include <linux/fuse.h>
-#include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#include "../crypto/_xtssector.h"
-
 /* Registered volumes by inode number modulo SLOTS; a volume whose slot is
  * taken stays in Python. */
 #define SLOTS 4096
-#define STRIPES 64
-/* The largest request done here: the kernel's default max_read/max_write.
- * Larger ones go to Python, which runs them in the I/O pool. */
-#define MAX_IO (128 * 1024)
-#define OUT_HDR ((Py_ssize_t)sizeof(struct fuse_out_header))
 
 /* ---- the sector locks, shared with the Python engine ---- */
 
-typedef struct {
-    PyObject_HEAD
-    pthread_mutex_t m[STRIPES];
-} SectorLocks;
-
-/* The distinct stripes of sectors first .. first + count - 1, as bits. */
-static uint64_t
-stripes_of(uint64_t first, uint64_t count)
+/* Wait until none of the stripes of sectors first .. first + count - 1 is
+ * taken, then take them all (at once, so no order is needed). */
+void
+lock_range(SectorLocks *l, uint64_t first, uint64_t count)
 {
-    if (count >= STRIPES)
-        return ~(uint64_t)0;
-    uint64_t bits = 0;
-    for (uint64_t i = 0; i < count; i++)
-        bits |= (uint64_t)1 << ((first + i) % STRIPES);
-    return bits;
+    uint64_t n = count < (uint64_t)l->stripes ? count : (uint64_t)l->stripes;
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        uint64_t i = 0;
+        while (i < n && !l->busy[(first + i) % l->stripes])
+            i++;
+        if (i == n)
+            break;
+        l->waiters++;
+        pthread_cond_wait(&l->freed, &l->mu);
+        l->waiters--;
+    }
+    for (uint64_t i = 0; i < n; i++)
+        l->busy[(first + i) % l->stripes] = 1;
+    pthread_mutex_unlock(&l->mu);
 }
 
-static void
-lock_bits(SectorLocks *l, uint64_t bits)
+void
+unlock_range(SectorLocks *l, uint64_t first, uint64_t count)
 {
-    for (int i = 0; i < STRIPES; i++)
-        if (bits >> i & 1)
-            pthread_mutex_lock(&l->m[i]);
-}
-
-static void
-unlock_bits(SectorLocks *l, uint64_t bits)
-{
-    for (int i = STRIPES - 1; i >= 0; i--)
-        if (bits >> i & 1)
-            pthread_mutex_unlock(&l->m[i]);
+    uint64_t n = count < (uint64_t)l->stripes ? count : (uint64_t)l->stripes;
+    pthread_mutex_lock(&l->mu);
+    for (uint64_t i = 0; i < n; i++)
+        l->busy[(first + i) % l->stripes] = 0;
+    if (l->waiters)
+        pthread_cond_broadcast(&l->freed);
+    pthread_mutex_unlock(&l->mu);
 }
 
 static PyObject *
 locks_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"stripes", NULL};
+    int stripes = 64;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|i", kwlist, &stripes))
+        return NULL;
+    if (stripes < 1 || stripes > 1 << 20) {
+        PyErr_SetString(PyExc_ValueError, "stripes out of range");
+        return NULL;
+    }
     SectorLocks *l = (SectorLocks *)type->tp_alloc(type, 0);
-    if (l)
-        for (int i = 0; i < STRIPES; i++)
-            pthread_mutex_init(&l->m[i], NULL);
+    if (!l)
+        return NULL;
+    l->busy = calloc((size_t)stripes, 1);
+    if (!l->busy) {
+        Py_DECREF(l);
+        return PyErr_NoMemory();
+    }
+    l->stripes = stripes;
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->freed, NULL);
     return (PyObject *)l;
 }
 
 static void
 locks_dealloc(SectorLocks *l)
 {
-    for (int i = 0; i < STRIPES; i++)
-        pthread_mutex_destroy(&l->m[i]);
+    if (l->busy) {
+        pthread_mutex_destroy(&l->mu);
+        pthread_cond_destroy(&l->freed);
+        free(l->busy);
+    }
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
 
@@ -113,30 +128,29 @@ locks_take(SectorLocks *l, PyObject *args)
     int lock;
     if (!PyArg_ParseTuple(args, "KKp", &first, &count, &lock))
         return NULL;
-    uint64_t bits = stripes_of(first, count);
     if (lock) {
         Py_BEGIN_ALLOW_THREADS
-        lock_bits(l, bits);
+        lock_range(l, first, count);
         Py_END_ALLOW_THREADS
     } else {
-        unlock_bits(l, bits);
+        unlock_range(l, first, count);
     }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef locks_methods[] = {
     {"take", (PyCFunction)locks_take, METH_VARARGS,
-     "take(first, count, lock)\n\nWith lock, take the stripes of sectors first .. first + count - 1, in ascending\n"
-     "order; without, release them."},
+     "take(first, count, lock)\n\nWith lock, take the stripes of sectors first .. first + count - 1 (waiting\n"
+     "for them all to be free); without, release them.  Any thread may release."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyTypeObject SectorLocksType = {
+PyTypeObject SectorLocksType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "evscrypt.daemon._cpath.SectorLocks",
     .tp_basicsize = sizeof(SectorLocks),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "64 striped sector locks, shared by the Python engine and the C data path.",
+    .tp_doc = "SectorLocks(stripes=64): striped sector locks, shared by the Python engine and the C data path.",
     .tp_new = locks_new,
     .tp_dealloc = (destructor)locks_dealloc,
     .tp_methods = locks_methods,
@@ -144,27 +158,8 @@ static PyTypeObject SectorLocksType = {
 
 /* ---- the registry ---- */
 
-struct slot {
-    pthread_mutex_t mu;
-    pthread_cond_t drained;
-    uint64_t inode; /* 0: free */
-    int serving;    /* 0 while draining for unregister, or disabled */
-    int writes_held;
-    long inflight, writers;
-    /* the volume, set at register */
-    int fd;
-    uint64_t data_offset, size, iv_per_sector;
-    Py_ssize_t sector;
-    int zero_unwritten;
-    const unsigned char *sched;
-    Py_buffer sched_buf;
-    SectorLocks *locks;
-    /* what status reports, besides Python's counters */
-    uint64_t reads, writes, bytes_read, bytes_written;
-};
-
 static struct slot slots[SLOTS];
-static xts_run_fn crypt_run;
+xts_run_fn crypt_run;
 static pthread_key_t buf_key;
 
 /* This thread's buffer: a reply header and up to MAX_IO of data.  Holds
@@ -181,17 +176,6 @@ thread_buf(void)
     return b;
 }
 
-/* What a request may use of its volume, copied out under the slot lock. */
-struct vol {
-    struct slot *s;
-    int fd;
-    uint64_t data_offset, iv_per_sector;
-    Py_ssize_t sector;
-    int zero_unwritten;
-    const unsigned char *sched;
-    SectorLocks *locks;
-};
-
 /* Count a request in if the volume is registered and serving, the range is
  * aligned, small and inside the disk (and for a write, the gate is open). */
 static int
@@ -204,15 +188,15 @@ enter(uint64_t inode, uint64_t off, uint32_t size, int write, struct vol *v)
         off % s->sector == 0 && size % s->sector == 0 && off <= s->size && size <= s->size - off) {
         s->inflight++;
         s->writers += write;
-        *v = (struct vol){s, s->fd, s->data_offset, s->iv_per_sector, s->sector, s->zero_unwritten, s->sched,
-                          s->locks};
+        *v = (struct vol){s,         s->fd,          s->rbd,   s->on_error,      s->data_offset, s->iv_per_sector,
+                          s->sector, s->zero_unwritten, s->sched, s->locks};
         ok = 1;
     }
     pthread_mutex_unlock(&s->mu);
     return ok;
 }
 
-static void
+void
 leave(struct vol *v, int write, uint64_t bytes, int done)
 {
     struct slot *s = v->s;
@@ -235,7 +219,7 @@ leave(struct vol *v, int write, uint64_t bytes, int done)
 
 /* Send a reply (header + n bytes already in place after it); a reply the
  * kernel no longer wants (ENOENT: the request was interrupted) is fine. */
-static void
+void
 reply(int fd, uint64_t unique, unsigned char *buf, size_t n)
 {
     struct fuse_out_header *oh = (struct fuse_out_header *)buf;
@@ -248,12 +232,25 @@ reply(int fd, uint64_t unique, unsigned char *buf, size_t n)
     while (r < 0 && errno == EINTR);
 }
 
+/* Answer a request with -err and no data. */
+void
+reply_error(int fd, uint64_t unique, int err)
+{
+    struct fuse_out_header oh = {.len = (uint32_t)OUT_HDR, .error = -err, .unique = unique};
+    ssize_t r;
+    do
+        r = write(fd, &oh, sizeof oh);
+    while (r < 0 && errno == EINTR);
+}
+
 static int
 do_read(int fd, const struct fuse_in_header *in, const struct fuse_read_in *rd)
 {
     struct vol v;
     if (!enter(in->nodeid, rd->offset, rd->size, 0, &v))
         return 0;
+    if (v.rbd)
+        return rbd_read(fd, in, rd, &v);
     unsigned char *buf = thread_buf();
     unsigned char *data = buf + OUT_HDR;
     size_t got = 0;
@@ -288,6 +285,8 @@ do_write(int fd, const struct fuse_in_header *in, const struct fuse_write_in *wr
     struct vol v;
     if (len != sizeof *in + sizeof *wr + wr->size || !enter(in->nodeid, wr->offset, wr->size, 1, &v))
         return 0;
+    if (v.rbd)
+        return rbd_write(fd, in, wr, &v);
     unsigned char *buf = thread_buf();
     if (!buf) {
         leave(&v, 1, 0, 0);
@@ -295,8 +294,7 @@ do_write(int fd, const struct fuse_in_header *in, const struct fuse_write_in *wr
     }
     unsigned char *data = buf + OUT_HDR;
     uint64_t first = wr->offset / (uint64_t)v.sector, count = wr->size / v.sector;
-    uint64_t bits = stripes_of(first, count);
-    lock_bits(v.locks, bits);
+    lock_range(v.locks, first, count);
     crypt_run(v.sched, first, v.iv_per_sector, (const unsigned char *)(wr + 1), data, (Py_ssize_t)count, v.sector, 1,
               0, 1);
     size_t put = 0;
@@ -305,13 +303,13 @@ do_write(int fd, const struct fuse_in_header *in, const struct fuse_write_in *wr
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
-            unlock_bits(v.locks, bits);
+            unlock_range(v.locks, first, count);
             leave(&v, 1, 0, 0);
             return 0; /* Python writes it again and reports the error */
         }
         put += (size_t)r;
     }
-    unlock_bits(v.locks, bits);
+    unlock_range(v.locks, first, count);
     struct fuse_write_out *out = (struct fuse_write_out *)data;
     out->size = wr->size;
     out->padding = 0;
@@ -358,13 +356,17 @@ slot_of(unsigned long long inode)
 static PyObject *
 py_register(PyObject *self, PyObject *args)
 {
-    unsigned long long inode, data_offset, size, iv_per_sector;
+    unsigned long long inode, rbd, data_offset, size, iv_per_sector;
     Py_ssize_t sector;
     int fd, zero_unwritten;
-    PyObject *sched, *locks;
-    if (!PyArg_ParseTuple(args, "KiKKnKpOO!", &inode, &fd, &data_offset, &size, &sector, &iv_per_sector,
-                          &zero_unwritten, &sched, &SectorLocksType, &locks))
+    PyObject *sched, *locks, *on_error;
+    if (!PyArg_ParseTuple(args, "KiKKKnKpOO!O", &inode, &fd, &rbd, &data_offset, &size, &sector, &iv_per_sector,
+                          &zero_unwritten, &sched, &SectorLocksType, &locks, &on_error))
         return NULL;
+    if ((fd < 0) == (rbd == 0) || (rbd && !PyCallable_Check(on_error))) {
+        PyErr_SetString(PyExc_ValueError, "a volume has an fd or an RBD image (with on_error), not both");
+        return NULL;
+    }
     struct slot *s = slot_of(inode);
     if (!s)
         return NULL;
@@ -386,8 +388,11 @@ py_register(PyObject *self, PyObject *args)
         Py_RETURN_FALSE; /* the slot is taken: this volume stays in Python */
     }
     Py_INCREF(locks);
+    Py_INCREF(on_error);
     s->inode = inode;
     s->fd = fd;
+    s->rbd = (void *)(uintptr_t)rbd;
+    s->on_error = on_error;
     s->data_offset = data_offset;
     s->size = size;
     s->sector = sector;
@@ -428,15 +433,19 @@ py_unregister(PyObject *self, PyObject *args)
     WAIT_DRAINED(s, s->inflight == 0);
     PyObject *counts = counters_of(s);
     SectorLocks *locks = s->locks;
+    PyObject *on_error = s->on_error;
     Py_buffer b = s->sched_buf;
     s->inode = 0;
     s->sched = NULL;
     s->locks = NULL;
+    s->on_error = NULL;
     s->fd = -1;
+    s->rbd = NULL;
     memset(&s->sched_buf, 0, sizeof s->sched_buf);
     pthread_mutex_unlock(&s->mu);
     PyBuffer_Release(&b);
     Py_DECREF(locks);
+    Py_DECREF(on_error);
     return counts;
 }
 
@@ -495,9 +504,17 @@ py_install(PyObject *self, PyObject *args)
 static PyMethodDef methods[] = {
     {"install", py_install, METH_VARARGS, "install(crypt_run_capsule)\n\nThe XTS implementation (_xtsvaes.CRYPT_RUN)."},
     {"register", py_register, METH_VARARGS,
-     "register(inode, fd, data_offset, size, sector_size, iv_per_sector, zero_unwritten, sched, locks) -> bool\n\n"
+     "register(inode, fd, rbd, data_offset, size, sector_size, iv_per_sector, zero_unwritten, sched, locks,\n"
+     "         on_error) -> bool\n\n"
      "Serve aligned reads and writes of inode here; False if its slot is taken (it stays in Python).\n"
+     "The image is the file fd (rbd 0), or the librbd image rbd (fd -1; from rbd_handle), whose failed\n"
+     "requests call on_error(errno, 'read' or 'write') from librbd's thread.\n"
      "sched (the key schedule) is held until unregister."},
+    {"rbd_handle", py_rbd_handle, METH_VARARGS,
+     "rbd_handle(image, ioctx) -> (handle, size) or None\n\n"
+     "librbd's handle of the python-rbd Image image, opened on ioctx, and the size librbd gives for it;\n"
+     "None where this python-rbd\n"
+     "does not keep it as _cpath_rbd.c expects (its volumes then stay in Python)."},
     {"unregister", py_unregister, METH_VARARGS,
      "unregister(inode) -> (reads, writes, bytes_read, bytes_written) or None\n\n"
      "Stop serving inode, wait for its requests in flight, release the schedule."},

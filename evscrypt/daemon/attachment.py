@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -133,13 +134,24 @@ class Attachment:
         error fails the volume."""
         if isinstance(e, (EvscryptError, OSError)):
             if _fails_volume(e):
-                self.failed = getattr(e, "message", None) or str(e)
-                if self.in_c:
-                    cpath.disable(self.inode)  # its requests come here, and answer EIO
-                log.error("volume %s failed: %s", self.name, self.failed)
+                self._fail(e)
             self._end(errors=1)
         else:
             self._end()
+
+    def _fail(self, e: BaseException) -> None:
+        self.failed = getattr(e, "message", None) or str(e)
+        if self.in_c:
+            cpath.disable(self.inode)  # its requests come here, and answer EIO
+        log.error("volume %s failed: %s", self.name, self.failed)
+
+    def c_failed(self, err: int, verb: str) -> None:
+        """The store failed a request of the C data path (cpath.py; called
+        in the store's completion thread, after C answered EIO): the volume
+        fails, as it does for a storage error in Python."""
+        with self.lock:
+            self.counters.errors += 1
+        self._fail(StorageError(f"cannot {verb} volume {self.name!r}: {os.strerror(err)}"))
 
     def mark_detached(self) -> None:
         with self.lock:
@@ -359,6 +371,12 @@ class Attachment:
         c.writes += got[1]
         c.bytes_read += got[2]
         c.bytes_written += got[3]
+
+    def counters_in_c(self) -> dict | None:
+        """What the C data path has served so far (part of counters_now)."""
+        if not self.in_c:
+            return None
+        return dict(zip(("reads", "writes", "bytes_read", "bytes_written"), cpath.counters(self.inode)))
 
     def counters_now(self) -> Counters:
         """The counters, with the requests the C data path served."""

@@ -8,11 +8,13 @@ declines) and handles it as before.  docs/CONCURRENCY.md has the locks,
 docs/PERFORMANCE.md why.
 
 A volume runs in C only where nothing but the C side's rules are needed
-(:func:`runs_in_c`): encrypted (an unencrypted one has nothing to gain),
+(:func:`image_of`): encrypted (an unencrypted one has nothing to gain),
 on the VAES implementation (the one whose schedule C can read in place;
 see docs/SECURITY.md), and backed by a local regular file (pread/pwrite on
-the image fd).  ``EVSCRYPT_CPATH=0`` turns the C path off: every request
-goes to Python, with one worker thread.
+the image fd) or an RBD image whose librbd handle C can use
+(``_cpath_rbd.c``: librbd's aio, with its completion thread decrypting and
+replying).  ``EVSCRYPT_CPATH=0`` turns the C path off: every request goes
+to Python, with one worker thread.
 
 The attachment (attachment.py) owns the calls here: register at attach,
 hold writes while a snapshot copies, set the size on resize, disable when
@@ -27,6 +29,7 @@ import stat
 
 from ..format import IV_PER_SECTOR, SECTOR_SIZE
 from ..crypto import vaes
+from ..image.engine import AIO_LOCK_STRIPES, LOCK_STRIPES
 
 try:
     from . import _cpath
@@ -70,18 +73,25 @@ def uninstall(pyfuse3) -> None:
     pyfuse3.set_request_filter(None)
 
 
-def runs_in_c(a) -> bool:
-    """Whether attachment ``a`` can be served by the C path."""
+def image_of(a) -> tuple[int, int] | None:
+    """How the C path would reach attachment ``a``'s image: ``(fd, 0)`` for
+    a local file, ``(-1, handle)`` for an RBD image (librbd's handle); None
+    if ``a`` cannot be served in C."""
     cipher = a.engine.cipher
     if _cpath is None or not a.header.encrypted or cipher is None or cipher.path != "vaes":
-        return False
+        return None
     fd = a.fd
     if not isinstance(fd, int):
-        return False  # a store image (RBD): its I/O goes through librbd, in Python
+        objects = getattr(fd, "librbd_objects", lambda: None)()
+        if objects is None:
+            return None
+        got = _cpath.rbd_handle(*objects)
+        # librbd's answer for the handle must be the image's own size
+        return (-1, got[0]) if got is not None and got[1] == fd.size() else None
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode)
+        return (fd, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else None
     except OSError:
-        return False
+        return None
 
 
 class SharedLocks:
@@ -89,8 +99,8 @@ class SharedLocks:
     on the C side's mutexes, so Python's read-modify-write and C's
     whole-sector writes exclude each other."""
 
-    def __init__(self):
-        self.c = _cpath.SectorLocks()
+    def __init__(self, stripes: int = LOCK_STRIPES):
+        self.c = _cpath.SectorLocks(stripes=stripes)
 
     def one(self, sector: int) -> _Held:
         return _Held(self.c, sector)
@@ -109,24 +119,32 @@ class _Held:
     def __init__(self, c, sector: int):
         self.c, self.sector = c, sector
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self.c.take(self.sector, 1, True)
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         self.c.take(self.sector, 1, False)
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def register(a) -> bool:
     """Serve ``a``'s aligned I/O in C from now on; False if it cannot be
     (it then stays in Python).  The engine's locks become the shared ones
     first: call before the volume is visible."""
-    if not runs_in_c(a):
+    image = image_of(a)
+    if image is None:
         return False
-    locks = SharedLocks()
+    fd, rbd = image
+    # an RBD write holds its sectors while in flight in the cluster: as many stripes as Python's aio path has
+    locks = SharedLocks(AIO_LOCK_STRIPES if rbd else LOCK_STRIPES)
     a.engine.set_locks(locks)
     h = a.header
-    return _cpath.register(a.inode, a.fd, h.data_offset, a.size, SECTOR_SIZE, IV_PER_SECTOR, a.engine.zero_unwritten,
-                           a.engine.cipher.schedule(), locks.c)
+    return _cpath.register(a.inode, fd, rbd, h.data_offset, a.size, SECTOR_SIZE, IV_PER_SECTOR,
+                           a.engine.zero_unwritten, a.engine.cipher.schedule(), locks.c, a.c_failed)
 
 
 def unregister(inode: int) -> tuple[int, int, int, int] | None:

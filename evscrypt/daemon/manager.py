@@ -396,6 +396,7 @@ class VolumeManager:
             "attached_at": a.attached_at,
             "io": vars(a.counters_now()),
             "c_path": a.in_c,
+            "io_in_c": a.counters_in_c(),
         }
 
     async def status(self, refresh_keys: bool = True, uid: int = 0) -> dict:

@@ -121,9 +121,15 @@ class RBDPending(Pending):
 
 
 class RBDImage(Image):
-    def __init__(self, name: str, image: rbd.Image):
-        self.name, self._img = name, image
+    def __init__(self, name: str, image: rbd.Image, ioctx: rados.Ioctx):
+        self.name, self._img, self._ioctx = name, image, ioctx
         self._locked = False
+
+    def librbd_objects(self) -> tuple[rbd.Image, rados.Ioctx] | None:
+        """The python-rbd Image and the Ioctx it was opened on, for the
+        daemon's C data path, which calls librbd on the same open (and
+        locked) image itself (daemon/_cpath_rbd.c); None once closed."""
+        return None if self._img is None else (self._img, self._ioctx)
 
     def size(self) -> int:
         with _converted(f"image {self.name!r}"):
@@ -388,7 +394,7 @@ class RBDStore(BackingStore):
             return False
 
     def open(self, name: str, *, write: bool = False, snapshot: str | None = None) -> RBDImage:
-        return RBDImage(name, self._image(name, write=write and snapshot is None, snapshot=snapshot))
+        return RBDImage(name, self._image(name, write=write and snapshot is None, snapshot=snapshot), self.ioctx)
 
     def create(self, name: str, size: int) -> RBDImage:
         with _converted(f"cannot create image {name!r}"):
