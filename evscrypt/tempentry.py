@@ -119,6 +119,12 @@ class Collected:
     def to_dict(self) -> dict:
         return {"removed": self.removed, "busy": self.busy, "errors": self.errors}
 
+    def merge(self, other: "Collected") -> "Collected":
+        self.removed += other.removed
+        self.busy += other.busy
+        self.errors += other.errors
+        return self
+
 
 def is_temporary(name: str) -> bool:
     return bool(TEMP.fullmatch(name) or LEGACY.fullmatch(name))

@@ -402,3 +402,25 @@ def test_the_c_path_finds_librbds_handle_only_where_it_is_sure(hosts):
             assert cpath._cpath.rbd_handle(img, other) is None  # not the Ioctx it was opened on
             assert cpath._cpath.rbd_handle(io, io) is None  # not an Image at all
         rbd.RBD().remove(io, "probe")
+
+
+def test_gc_removes_a_dead_builds_image_from_the_pool(ab, hosts):
+    """A host killed while it built a volume leaves a hidden image in the
+    pool, which no listing shows: `evscrypt gc` on any host removes it once
+    it is old enough (here: --older-than 0), and leaves volumes alone."""
+    import rados
+    import rbd
+
+    _, b = ab
+    create(b, "v", "4M")
+    with rados.Rados(conffile=hosts.cluster.conf, rados_id="admin") as c, c.open_ioctx(hosts.cluster.pool) as io:
+        io.set_namespace(hosts.namespace)
+        rbd.RBD().create(io, ".w.tmp-0123abcd", MiB)
+    young = json.loads(b.cli("gc", "--json").stdout)  # the default age: an hour
+    assert young["removed"] == [] and any(p.endswith("/.w.tmp-0123abcd") for p in young["busy"]), young
+    got = json.loads(b.cli("gc", "--older-than", "0", "--json").stdout)
+    assert [p.rsplit("/", 1)[1] for p in got["removed"]] == [".w.tmp-0123abcd"], got
+    assert names(b) == ["v"]
+    with rados.Rados(conffile=hosts.cluster.conf, rados_id="admin") as c, c.open_ioctx(hosts.cluster.pool) as io:
+        io.set_namespace(hosts.namespace)
+        assert ".w.tmp-0123abcd" not in rbd.RBD().list(io)

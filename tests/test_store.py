@@ -558,3 +558,31 @@ def test_local_catalog_damaged(tmp_path):
     (tmp_path / ".catalog.json").write_text("{not json")
     with pytest.raises(FormatError, match="catalog"):
         s.catalog().read()
+
+
+def test_temporary_images_of_dead_builds_are_collected(bstore, kind):
+    """A build killed mid-way leaves a hidden temporary image; gc removes it
+    once no client has it open and it is old enough, and leaves alone an
+    image a build still has open, one younger than the age given, volumes
+    and evscrypt's own hidden copies.  A local store's live in the state
+    directory (evscrypt.tempentry), so it has none to collect."""
+    from evscrypt.store.base import STALE_TEMP_AGE, copy_image_name, temp_name
+
+    if kind == "local":
+        assert bstore.collect_temporary(0).to_dict() == {"removed": [], "busy": [], "errors": []}
+        return
+    bstore.create("kept", MiB).close()
+    bstore.create(copy_image_name("snapshot", "s1"), MiB).close()
+    dead, open_one = temp_name("a"), temp_name("b")
+    bstore.create(dead, MiB).close()  # its build was killed: nobody has it open
+    building = bstore.create(open_one, MiB)
+    try:
+        young = bstore.collect_temporary(STALE_TEMP_AGE)  # both were made just now
+        assert young.removed == [] and sorted(young.busy) == sorted(bstore.location(n) for n in (dead, open_one))
+        got = bstore.collect_temporary(0)
+        assert got.removed == [bstore.location(dead)] and got.busy == [bstore.location(open_one)], got
+        assert not bstore.exists(dead) and bstore.exists(open_one)
+    finally:
+        building.close()
+    assert bstore.collect_temporary(0).removed == [bstore.location(open_one)]
+    assert bstore.names() == ["kept"] and bstore.exists(copy_image_name("snapshot", "s1"))

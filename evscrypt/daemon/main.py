@@ -56,9 +56,11 @@ def cleanup_stale(mountpoint: Path) -> None:
         raise Busy(f"{mountpoint} is still mounted and cannot be cleaned up")
 
 
-def collect_temporary(home: Path) -> None:
-    """What `evscrypt gc` does, at start: entries of operations still running are left alone."""
-    r = tempentry.collect(home)
+def collect_temporary(home: Path, images) -> None:
+    """What `evscrypt gc` does, at start: entries of operations still running
+    are left alone; so are a shared store's temporary images until they are
+    an hour old (the store's STALE_TEMP_AGE)."""
+    r = tempentry.collect(home).merge(images.collect_temporary())
     for p in r.removed:
         log.warning("removed %s, left by an interrupted operation", p)
     for e in r.errors:
@@ -164,11 +166,12 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     else:
         raise Busy(f"another evscrypt daemon is already serving {sock}")
     cleanup_stale(mountpoint)
-    collect_temporary(home)
+    volumes = VolumeStore(home, store)
+    collect_temporary(home, volumes.images)
     mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
 
     pools = Pools.sized()
-    manager = VolumeManager(VolumeStore(home, store), mountpoint, FuseKernel(), pools)
+    manager = VolumeManager(volumes, mountpoint, FuseKernel(), pools)
     no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
     manager.c_path = no_c is None
     threads = fuse_threads(manager.c_path)

@@ -30,10 +30,21 @@ from typing import Callable, ContextManager, Iterable, Iterator, NamedTuple, Typ
 
 from ..errors import Busy, EvscryptError
 from ..names import check_name
+from ..tempentry import Collected
 
 #: A temporary image's name: hidden (a leading dot, so listings skip it)
 #: and made from a valid name, so it can never collide with one.
 _TEMP = re.compile(r"\.(?P<name>[^/]+)\.tmp-[0-9a-f]{8}")
+
+
+#: A temporary image that no client has open and that was neither made nor
+#: written for this long (seconds) is a killed build's: a build keeps its
+#: image open while it fills it and renames it moments after its last write.
+STALE_TEMP_AGE = 3600
+
+
+def is_temp_name(name: str) -> bool:
+    return bool(_TEMP.fullmatch(name))
 
 
 def temp_name(name: str) -> str:
@@ -280,6 +291,12 @@ class BackingStore(abc.ABC):
     @abc.abstractmethod
     def location(self, name: str) -> str:
         """Where image ``name`` lives, for messages and `volume info`."""
+
+    def collect_temporary(self, min_age: float = STALE_TEMP_AGE) -> Collected:
+        """Remove the temporary images that killed builds left (hidden from
+        listings, so nothing else would).  Here: none, a local store's live
+        in the state directory, where evscrypt.tempentry collects them."""
+        return Collected()
 
     def build(self, name: str, fill: Callable[[Image], T], guard: Callable[[T], ContextManager],
               start: tuple[str, str] | None = None) -> T:

@@ -27,6 +27,7 @@ rados/rbd errors are converted to the evscrypt error tree here.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import os
 import threading
@@ -35,12 +36,15 @@ from pathlib import Path
 import rados
 import rbd
 
-from ..errors import AlreadyExists, Busy, NotFound, StorageError
+from ..errors import AlreadyExists, Busy, EvscryptError, NotFound, StorageError
 from ..fsutil import fsync_dir, temp_name
 from ..image.copy import pwrite_sparse
 from ..names import check_name
 from . import rados_notify
-from .base import BackingStore, Catalog, CatalogView, Holder, Image, Pending, check_image_name
+from ..tempentry import Collected
+from .base import (
+    STALE_TEMP_AGE, BackingStore, Catalog, CatalogView, Holder, Image, Pending, check_image_name, is_temp_name,
+)
 
 #: layering for clones, exclusive-lock for attach, object-map + fast-diff
 #: so export and clone reads skip what was never written, deep-flatten so a
@@ -421,6 +425,31 @@ class RBDStore(BackingStore):
             except rbd.ImageHasSnapshots:  # snapshots in the trash, kept by clones
                 self.rbd.trash_move(self.ioctx, name, 0)
             self._purge_trash()
+
+    def collect_temporary(self, min_age: float = STALE_TEMP_AGE) -> Collected:
+        """Remove the temporary images of builds that died: open by no client
+        (no watcher on the header) and neither created nor written in the
+        last ``min_age`` seconds; others are reported busy.  Any host may run
+        it: a build on another host keeps its image open (watched)."""
+        out = Collected()
+        with _converted(f"RBD pool {self.pool!r}"):
+            names = [n for n in self.rbd.list(self.ioctx) if is_temp_name(n)]
+        now = datetime.datetime.utcnow()  # python-rbd's timestamps are naive UTC
+        for name in names:
+            try:
+                with self._using(name, f"image {name!r}") as img:
+                    last = max(img.create_timestamp(), img.modify_timestamp())
+                    idle = not list(img.watchers_list()) and (now - last).total_seconds() >= min_age
+                if not idle:
+                    out.busy.append(self.location(name))
+                    continue
+                self.delete(name)
+                out.removed.append(self.location(name))
+            except NotFound:
+                continue  # renamed into place or removed since the listing
+            except EvscryptError as e:
+                out.errors.append(f"{self.location(name)}: {e}")
+        return out
 
     def _purge_trash(self) -> None:
         """Remove trashed images whose clones are all gone (others stay)."""
