@@ -174,7 +174,7 @@ def run(home: Path, runtime: Path, mountpoint: Path | None = None, socket_group:
     manager = VolumeManager(volumes, mountpoint, FuseKernel(), pools)
     no_c = cpath.unavailable_reason() if dp.name == "threads" else "the trio data path"
     manager.c_path = no_c is None
-    threads = fuse_threads(manager.c_path)
+    threads = fuse_threads(manager.c_path, aio_store=volumes.images.aio)
     log.info("FUSE worker threads: %d; aligned I/O of encrypted volumes in C: %s", threads,
              "yes" if no_c is None else f"no ({no_c})")
     manager.facts.update(data_path=dp.name, discard=dp.discard, xts_backend=xts, c_path=manager.c_path,

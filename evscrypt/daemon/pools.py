@@ -35,7 +35,7 @@ from ..errors import InvalidArgument
 WORKERS_PER_CORE = 2
 
 
-def fuse_threads(c_path: bool) -> int:
+def fuse_threads(c_path: bool, aio_store: bool = False) -> int:
     """FUSE worker threads, which receive every request and serve small
     reads and writes themselves (large ones go to the ``io`` pool).
 
@@ -44,14 +44,18 @@ def fuse_threads(c_path: bool) -> int:
     busy while the first waits (in pread or pwrite, or preempted by the
     clients on a busy machine): 4 KiB IOPS rose by 5-15% over one per core
     (docs/PERFORMANCE.md, "Many busy volumes").  Without it one: a second
-    one mostly trades the GIL back and forth.  ``EVSCRYPT_FUSE_THREADS``
-    overrides either (a knob for benchmarks)."""
+    one mostly trades the GIL back and forth.  With a store whose I/O is
+    asynchronous (``aio_store``: an RBD pool) one as well: a worker hands
+    each request to librbd and never waits for it, and more workers only
+    wake each other and contend in librbd (4 KiB writes: 60 against 94-113
+    us of CPU per request with four; docs/PERFORMANCE.md, "RBD").
+    ``EVSCRYPT_FUSE_THREADS`` overrides all of these (a knob for benchmarks)."""
     raw = os.environ.get("EVSCRYPT_FUSE_THREADS", "").strip()
     if raw:
         if not raw.isdigit() or int(raw) < 1:
             raise InvalidArgument(f"EVSCRYPT_FUSE_THREADS={raw!r}: give a whole number of threads, at least 1")
         return int(raw)
-    return WORKERS_PER_CORE * len(os.sched_getaffinity(0)) if c_path else 1
+    return WORKERS_PER_CORE * len(os.sched_getaffinity(0)) if c_path and not aio_store else 1
 #: The one setting of the I/O threads: 2 cores here, but I/O waits overlap, so a few more
 #: threads than cores keep the disk busy.
 IO_THREADS = 8

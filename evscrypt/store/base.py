@@ -287,6 +287,10 @@ class BackingStore(abc.ABC):
     #: Do other hosts see this store's images?  Then the volume catalog
     #: lives in :meth:`catalog` (shared), not in the state directory.
     shared = False
+    #: Do its images keep requests in flight (aio_read/aio_write with
+    #: completions)?  Then a FUSE worker hands a request over and never waits
+    #: for it (daemon/pools.fuse_threads).
+    aio = False
 
     @abc.abstractmethod
     def location(self, name: str) -> str:

@@ -330,6 +330,7 @@ class RBDStore(BackingStore):
     ``client`` of the cluster in ``conf`` (None: librados' search, CEPH_CONF)."""
 
     shared = True
+    aio = True
 
     def __init__(self, pool: str, *, namespace: str = "", client: str = "admin", conf: str | None = None,
                  liveness_timeout: float = 10.0, connect_timeout: float = CONNECT_TIMEOUT):
