@@ -24,7 +24,7 @@
  *
  * SIGTERM or SIGINT unmounts and exits 0.
  */
-#define FUSE_USE_VERSION 34
+#define FUSE_USE_VERSION 312 /* fuse_loop_cfg_*: libfuse 3.12 or later */
 #include <fuse_lowlevel.h>
 
 #include <errno.h>
