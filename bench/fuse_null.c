@@ -14,10 +14,10 @@
  * Files are named 0 .. NFILES-1.  What matters for the comparison is set
  * as evscrypt's daemon sets it: one mount for all files, default_permissions
  * and allow_other, keep_cache and no direct_io on open (ops.py), attribute
- * and entry timeouts of 1 s, max_background 256 with congestion_threshold
- * at 3/4 of it (the cfilter patch), THREADS workers (evscrypt: two per core)
- * each receiving and answering on the one /dev/fuse fd, with libfuse's
- * splice reads off (no write_buf handler).  Unlike evscrypt's workers they
+ * and entry timeouts of 1 s, auto_inval_data and splice reads off,
+ * max_background 256 with congestion_threshold at 3/4 of it (the cfilter
+ * patch), THREADS workers (evscrypt: two per core) each receiving and
+ * answering on the one /dev/fuse fd.  Unlike evscrypt's workers they
  * block in read(2) and never spin.  Extra -o options go to libfuse (e.g.
  * -o io_uring with a libfuse that has it; then libfuse's own multi-threaded
  * loop runs, since the io_uring queues are libfuse's threads).
@@ -66,6 +66,9 @@ static void attr_of(fuse_ino_t ino, struct stat *st)
 static void null_init(void *userdata, struct fuse_conn_info *conn)
 {
 	(void)userdata;
+	/* As pyfuse3 for evscrypt (ops.py): with auto_inval_data the kernel
+	 * asks for the attributes before every read that follows a write. */
+	conn->want &= ~(FUSE_CAP_AUTO_INVAL_DATA | FUSE_CAP_SPLICE_READ);
 	conn->max_background = MAX_BACKGROUND;
 	conn->congestion_threshold = MAX_BACKGROUND * 3 / 4;
 }
