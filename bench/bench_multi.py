@@ -23,8 +23,8 @@ reads, at N = 1, 4, 8.  Systems:
               libfuse options (e.g. "-o io_uring" with a libfuse that has it)
   qemu-luks   one qemu-storage-daemon with N FUSE exports of LUKS1 images
               (aes-256 xts plain64)
-  evscrypt    one evscrypt daemon, N volumes: the C data path, one FUSE
-              worker thread per core
+  evscrypt    one evscrypt daemon, N volumes: the C data path, two FUSE
+              worker threads per core
   evs-python  the same with EVSCRYPT_CPATH=0: every request in Python, one
               worker thread
 
