@@ -374,7 +374,7 @@ def _os_release() -> str | None:
 class SystemState:
     def __init__(self, name: str):
         self.name = name
-        self.description = DESCRIPTIONS[name]
+        self.description = DESCRIPTIONS.get(name, "")  # bench_multi has systems of its own
         self.commands: list[str] = []
         self.disk: Path | None = None
         self.server_pid: int | None = None  # the user-space process serving the disk
