@@ -50,7 +50,7 @@ struct slot {
     SectorLocks *locks;
     /* what status reports, besides Python's counters */
     uint64_t reads, writes, bytes_read, bytes_written;
-};
+} __attribute__((aligned(64))); /* no cache line shared by two volumes' slots */
 
 /* What a request may use of its volume, copied out under the slot lock;
  * valid until leave() (unregister waits for that). */

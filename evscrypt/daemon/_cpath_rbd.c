@@ -107,16 +107,20 @@ completed(rbd_completion_t c, void *arg)
     lib.release(c);
     unsigned char *data = a->buf + OUT_HDR;
     if (!a->write) {
-        if (r != (ssize_t)a->size)
-            return failed(a, r < 0 ? (int)-r : EIO);
+        if (r != (ssize_t)a->size) {
+            failed(a, r < 0 ? (int)-r : EIO);
+            return;
+        }
         crypt_run(a->v.sched, a->first, a->v.iv_per_sector, data, data, (Py_ssize_t)a->count, a->v.sector, 0,
                   a->v.zero_unwritten, 1);
         reply(a->fuse_fd, a->unique, a->buf, a->size);
         leave(&a->v, 0, a->size, 1);
     } else {
         unlock_range(a->v.locks, a->first, a->count);
-        if (r < 0)
-            return failed(a, (int)-r);
+        if (r < 0) {
+            failed(a, (int)-r);
+            return;
+        }
         struct fuse_write_out *out = (struct fuse_write_out *)data;
         out->size = a->size;
         out->padding = 0;
